@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from .armor import armor, dearmor, is_armored
 from .crypt import decrypt, decrypt_file, encrypt, encrypt_to_file, payload_size, rewrap
+from .pq import HybridIdentity, HybridRecipient
 from .recipients import (
     Identity,
     Recipient,
@@ -32,6 +33,8 @@ __all__ = [
     "X25519Recipient",
     "ScryptIdentity",
     "ScryptRecipient",
+    "HybridIdentity",
+    "HybridRecipient",
     "parse_identity",
     "parse_recipient",
     "encrypt",
@@ -47,24 +50,28 @@ __all__ = [
 
 
 def parse_recipient(s: str) -> Recipient:
-    """Parse a recipient string (``age1...``).
+    """Parse a recipient string (``age1...`` X25519, ``age1pq1...`` post-quantum hybrid).
 
     Raises:
         ValueError: not a recipient type we support, or malformed.
     """
     s = s.strip()
+    if s.startswith("age1pq1"):
+        return HybridRecipient.from_string(s)
     if s.startswith("age1"):
         return X25519Recipient.from_string(s)
     raise ValueError("unsupported or malformed age recipient")
 
 
 def parse_identity(s: str) -> Identity:
-    """Parse an identity string (``AGE-SECRET-KEY-1...``).
+    """Parse an identity string (``AGE-SECRET-KEY-1...``, ``AGE-SECRET-KEY-PQ-1...``).
 
     Raises:
         ValueError: not an identity type we support, or malformed.
     """
     s = s.strip()
+    if s.startswith("AGE-SECRET-KEY-PQ-1"):
+        return HybridIdentity.from_string(s)
     if s.startswith("AGE-SECRET-KEY-1"):
         return X25519Identity.from_string(s)
     raise ValueError("unsupported or malformed age identity")
