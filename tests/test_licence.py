@@ -79,6 +79,7 @@ def _mutate(field_path: str, value):
         ("adapter.size", True, "adapter.size has the wrong type"),
         ("adapter.size", 0, "out of range"),
         ("adapter.sha256", "B" * 64, "adapter.sha256"),
+        ("base.sha256", "c" * 63, "base.sha256"),
         ("licensee.recipient", "age1short", "licensee.recipient"),
         ("guard_required", 1, "guard_required has the wrong type"),
         ("expires", "2026-12-25 12:00:00", "times must look like"),

@@ -3,7 +3,7 @@
 A licence is a small JSON document (``licence.json`` in a bundle) with a strict schema:
 who grants it (the licensor's signing key id and age recipient), to whom (the licensee's
 age recipient), for which adapter and base (sha256 of the plaintext safetensors blob and of
-the base GGUF), which uses are permitted (``chat``, ``serve``, ``share``, ``merge``), when it
+the base GGUF, or "" if the adapter was stored without a base digest), which uses are permitted (``chat``, ``serve``, ``share``, ``merge``), when it
 expires (UTC, ISO-8601, or never), whether the guard is required, and free-text terms.
 
 The licence is only as good as the signature over it (see vault.bundle); this module parses
@@ -301,6 +301,11 @@ def _hex64(value: str, what: str) -> str:
     return value
 
 
+def _base_digest(value: str) -> str:
+    # "" when the adapter was added without a known base file; the adapter digest still binds it.
+    return value if value == "" else _hex64(value, "base.sha256")
+
+
 def _recipient(value: str, what: str) -> str:
     if not _AGE_RECIPIENT.match(value):
         raise LicenceError(f"invalid licence: {what} is not an age X25519 recipient (age1...)")
@@ -340,7 +345,7 @@ def _from_obj(obj: Any) -> Licence:
         adapter_sha256=_hex64(_field(sub["adapter"], "sha256", str, "adapter."), "adapter.sha256"),
         adapter_size=size,
         base_name=_text(_field(sub["base"], "name", str, "base."), "base.name", MAX_NAME_CHARS) or _empty("base.name"),
-        base_sha256=_hex64(_field(sub["base"], "sha256", str, "base."), "base.sha256"),
+        base_sha256=_base_digest(_field(sub["base"], "sha256", str, "base.")),
         uses=frozenset(uses_raw),
         issued=issued,
         expires=expires,
