@@ -136,11 +136,15 @@ def convert(
     ]
     infos: list[bytes] = []
     arrays: list[np.ndarray] = []
+    temporaries: list[np.ndarray] = []  # plaintext copies made here: zeroed before returning
     offset = 0
-    for name, arr in pairs:
+    for name, src in pairs:
+        arr = src
         if name.endswith(".lora_b") and (".attn_q." in name or ".attn_k." in name):
             arr = permute_rows(arr, n_head if ".attn_q." in name else n_head_kv)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.shares_memory(arr, src):
+            temporaries.append(arr)
         dims = tuple(reversed(arr.shape))  # ggml ne0 is the fastest-moving (last numpy) dimension
         infos.append(_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
                      + struct.pack("<IQ", _F32, offset))
@@ -155,6 +159,8 @@ def convert(
     for arr in arrays:
         out[pos : pos + arr.nbytes] = memoryview(arr).cast("B")
         pos += _padded(arr.nbytes)
+    for tmp in temporaries:
+        tmp.fill(0)
     return out
 
 

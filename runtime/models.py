@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from vault.errors import BaseModelError, UsageError
+from vault.paths import vault_home
 
 __all__ = [
     "BaseModel", "DEFAULT_MODEL_NAME", "default_model", "resolve", "file_sha256",
@@ -108,16 +109,6 @@ def resolve(name_or_path: str | None, cache_dir: Path | None = None) -> BaseMode
 # -- registry of user GGUFs (VAULT_HOME/models.json: name -> {path, sha256, size, added}) -----------
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def vault_home() -> Path:
-    """VAULT_HOME, or the platform's user data dir for vault."""
-    env = os.environ.get("VAULT_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("vault"))
 
 
 def _registry_path() -> Path:
