@@ -15,6 +15,8 @@ no byte of an unauthenticated chunk ever reaches a caller.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from typing import Callable
 
@@ -36,6 +38,7 @@ __all__ = [
     "decrypt_into",
     "encrypt_into",
     "wipe",
+    "alloc",
 ]
 
 CHUNK_SIZE = 64 * 1024
@@ -75,6 +78,31 @@ def ciphertext_size(plaintext_len: int) -> int:
     """STREAM size (without the nonce) for a payload of ``plaintext_len`` bytes."""
     chunks = max(1, -(-plaintext_len // CHUNK_SIZE))
     return plaintext_len + chunks * TAG_SIZE
+
+
+def _uninitialized_bytearray():
+    if sys.implementation.name != "cpython":
+        return None
+    make = ctypes.pythonapi.PyByteArray_FromStringAndSize
+    make.restype = ctypes.py_object
+    make.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
+    return make
+
+
+_MAKE_BYTEARRAY = _uninitialized_bytearray()
+
+
+def alloc(size: int) -> bytearray:
+    """A bytearray of ``size`` bytes that is *not* zero-filled first.
+
+    ``bytearray(n)`` memsets the whole buffer in one thread, which for a 256 MiB payload
+    costs more than the decryption (every page is faulted in and zeroed twice over). Here
+    the pages are faulted in by the decrypting threads as they write. Callers must
+    overwrite every byte (STREAM output does) or wipe the buffer on failure.
+    """
+    if _MAKE_BYTEARRAY is None or size < (1 << 20):
+        return bytearray(size)
+    return _MAKE_BYTEARRAY(None, size)
 
 
 def wipe(buf: memoryview) -> None:
