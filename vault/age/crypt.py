@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
 from typing import BinaryIO, Union
 
@@ -137,26 +138,39 @@ def encrypt(plaintext: BytesLike, recipients: Iterable[Recipient] | Recipient, *
 
 
 def encrypt_to_file(fileobj: BinaryIO, plaintext: BytesLike, recipients: Iterable[Recipient] | Recipient) -> None:
-    """Encrypt ``plaintext`` into an open binary file, 4 MiB at a time (bounded extra memory)."""
+    """Encrypt ``plaintext`` into an open binary file, 4 MiB at a time (bounded extra memory).
+
+    Encryption of the next block overlaps the write of the current one (both release the GIL).
+    """
     src = memoryview(plaintext).cast("B")
     file_key = os.urandom(FILE_KEY_SIZE)
     fileobj.write(_make_header(file_key, recipients))
     nonce = os.urandom(stream.NONCE_SIZE)
     fileobj.write(nonce)
     key = stream.payload_key(file_key, nonce)
-    block = bytearray(_STREAM_BLOCK + _STREAM_BLOCK // stream.CHUNK_SIZE * stream.TAG_SIZE)
-    view = memoryview(block)
-    # Every block but the last is whole chunks, none flagged final.
-    full = max(0, (len(src) - 1) // _STREAM_BLOCK) * _STREAM_BLOCK if src else 0
-    chunk = 0
-    for off in range(0, full, _STREAM_BLOCK):
-        stream.encrypt_into(key, src[off : off + _STREAM_BLOCK], view, first_chunk=chunk, final=False)
-        fileobj.write(view)
-        chunk += _STREAM_BLOCK // stream.CHUNK_SIZE
-    tail = src[full:]
-    out = view[: stream.ciphertext_size(len(tail))]
-    stream.encrypt_into(key, tail, out, first_chunk=chunk, final=True)
-    fileobj.write(out)
+    # Every block but the last is whole chunks, none flagged final; the last may be empty.
+    starts = list(range(0, len(src), _STREAM_BLOCK)) or [0]
+    enc_block = _STREAM_BLOCK // stream.CHUNK_SIZE * stream.ENC_CHUNK_SIZE
+    buffers = [memoryview(stream.alloc(enc_block)) for _ in range(min(2, len(starts)))]
+
+    def seal_block(n: int) -> memoryview:
+        off = starts[n]
+        part = src[off : off + _STREAM_BLOCK]
+        final = n == len(starts) - 1
+        out = buffers[n % 2][: stream.ciphertext_size(len(part)) if final else enc_block]
+        stream.encrypt_into(key, part, out, first_chunk=off // stream.CHUNK_SIZE, final=final)
+        return out
+
+    if len(starts) == 1:
+        fileobj.write(seal_block(0))
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(seal_block, 0)
+        for n in range(len(starts)):
+            ready = pending.result()
+            if n + 1 < len(starts):
+                pending = pool.submit(seal_block, n + 1)  # fills the other buffer
+            fileobj.write(ready)
 
 
 def decrypt(ciphertext: BytesLike, identities: Iterable[Identity] | Identity) -> bytearray:

@@ -105,6 +105,41 @@ def alloc(size: int) -> bytearray:
     return _MAKE_BYTEARRAY(None, size)
 
 
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MADVISE = _libc_madvise()
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and we just fault lazily
+_PAGE = 4096
+
+
+def prefault(view: memoryview) -> None:
+    """Best effort: fault in the pages of a writable buffer with one syscall.
+
+    Faulting a fresh 256 MiB buffer page by page costs about as much as decrypting it; the
+    kernel populates a range in one call for roughly two thirds of that. Never changes
+    the buffer's contents.
+    """
+    if _MADVISE is None or len(view) < (1 << 20) or view.readonly:
+        return
+    anchor = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(anchor)
+    del anchor
+    start = (address + _PAGE - 1) & ~(_PAGE - 1)
+    end = (address + len(view)) & ~(_PAGE - 1)
+    if end > start:
+        _MADVISE(start, end - start, _MADV_POPULATE_WRITE)
+
+
 def wipe(buf: memoryview) -> None:
     """Overwrite a writable buffer with zeros."""
     for off in range(0, len(buf), len(_WIPE_BLOCK)):
@@ -162,6 +197,7 @@ def decrypt_into(key: bytes, src: memoryview, out: memoryview, *, first_chunk: i
     aead = ChaCha20Poly1305(key)
 
     def work(first: int, stop: int, failed: threading.Event) -> None:
+        prefault(out[first * CHUNK_SIZE : stop * CHUNK_SIZE])
         for i in range(first, stop):
             if failed.is_set():
                 return
