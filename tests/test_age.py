@@ -68,10 +68,18 @@ def test_encrypt_to_file_matches_stream_layout(size: int) -> None:
 
 
 def test_multiple_recipients_each_decrypt() -> None:
-    third = age.HybridIdentity.generate()
-    sealed = age.encrypt(b"shared", [ID.recipient, OTHER.recipient, third.recipient])
-    for ident in (ID, OTHER, third):
+    sealed = age.encrypt(b"shared", [ID.recipient, OTHER.recipient])
+    for ident in (ID, OTHER):
         assert age.decrypt(sealed, [ident]) == b"shared"
+    pq = [age.HybridIdentity.generate(), age.HybridIdentity.generate()]
+    sealed = age.encrypt(b"pq", [i.recipient for i in pq])
+    for ident in pq:
+        assert age.decrypt(sealed, [ID, ident]) == b"pq"
+
+
+def test_post_quantum_and_classic_cannot_mix() -> None:
+    with pytest.raises(ValueError):
+        age.encrypt(b"x", [ID.recipient, age.HybridIdentity.generate().recipient])
 
 
 def test_file_key_and_nonce_fresh_per_file() -> None:

@@ -66,6 +66,10 @@ def _make_header(file_key: bytes, recipients: Iterable[Recipient] | Recipient) -
     recipients = _as_list(recipients, Recipient)
     if len(recipients) > 1 and any(getattr(r, "must_be_alone", False) for r in recipients):
         raise ValueError("a passphrase (scrypt) recipient cannot be combined with other recipients")
+    # As age 1.3: a post-quantum file must not also be openable by a classic key, which
+    # would make the post-quantum protection pointless.
+    if len({frozenset(getattr(r, "labels", ())) for r in recipients}) > 1:
+        raise ValueError("post-quantum and classic recipients cannot be mixed in one file")
     stanzas: list[Stanza] = []
     for r in recipients:
         stanzas.extend(r.wrap(file_key))

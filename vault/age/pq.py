@@ -79,7 +79,9 @@ def _key_schedule(shared_secret: bytes) -> tuple[bytes, bytes]:
 
 
 class HybridRecipient:
-    """An ``age1pq1...`` post-quantum hybrid public key."""
+    """An ``age1pq1...`` post-quantum hybrid public key (cannot be mixed with classic recipients)."""
+
+    labels = frozenset({"postquantum"})
 
     def __init__(self, public_key: bytes) -> None:
         if len(public_key) != _MLKEM_PK + _X_LEN:
