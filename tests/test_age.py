@@ -21,7 +21,8 @@ from vault.age.armor import armor, dearmor
 from vault.errors import IntegrityError, NoIdentityError
 
 CHUNK = stream.CHUNK_SIZE
-SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 17, 40 * CHUNK + 5]
+# 100 chunks + 5 bytes takes the two-thread path (>= 64 chunks).
+SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK + 17, 100 * CHUNK + 5]
 ID = age.X25519Identity.generate()
 OTHER = age.X25519Identity.generate()
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -214,6 +215,23 @@ def test_header_serialize_parse_round_trip(raw: list) -> None:
     assert header.stanzas == tuple(stanzas)
     assert header.mac_input == mac_input and header.mac == bytes(32)
     assert offset == len(fmt.finish_header(mac_input, bytes(32)))
+
+
+@PROPERTY
+@given(st.binary(max_size=400))
+def test_parser_fails_only_with_integrity_error(junk: bytes) -> None:
+    for candidate in (junk, b"age-encryption.org/v1\n" + junk, b"-----BEGIN AGE ENCRYPTED FILE-----\n" + junk):
+        try:
+            age.decrypt(candidate, ID)
+        except IntegrityError:
+            pass
+
+
+@PROPERTY
+@given(st.integers(0, len(SEALED)), st.binary(min_size=1, max_size=70))
+def test_inserted_bytes_are_rejected(pos: int, extra: bytes) -> None:
+    with pytest.raises((IntegrityError, NoIdentityError)):
+        age.decrypt(SEALED[:pos] + extra + SEALED[pos:], ID)
 
 
 def _header(*lines: bytes) -> bytes:
