@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Union
 
 from cryptography.exceptions import InvalidSignature
@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.errors import IntegrityError, NoIdentityError
 
+from . import stream
 from .armor import armor as _armor_encode
 from .armor import dearmor as _dearmor
 from .armor import is_armored as _is_armored
-from . import stream
 from .format import Header, Stanza, finish_header, parse_header, serialize_header
 from .recipients import FILE_KEY_SIZE, Identity, Recipient
 
@@ -105,15 +105,21 @@ def verify_header_mac(header: Header, file_key: bytes) -> None:
         raise IntegrityError() from None
 
 
-def _open(buf: memoryview, identities: Iterable[Identity] | Identity) -> tuple[bytes, memoryview]:
-    """Header checks; returns (payload key, STREAM ciphertext view)."""
+def _open_header(buf: memoryview, identities: Iterable[Identity] | Identity) -> tuple[bytes, memoryview]:
+    """Header checks; returns (file key, the payload: nonce + STREAM)."""
     header, offset = parse_header(buf)
     file_key = unwrap_file_key(header, identities)
     verify_header_mac(header, file_key)
-    nonce = buf[offset : offset + stream.NONCE_SIZE]
-    if len(nonce) != stream.NONCE_SIZE:
+    if len(buf) - offset < stream.NONCE_SIZE:  # the nonce is read with the header
         raise IntegrityError()
-    return stream.payload_key(file_key, nonce), buf[offset + stream.NONCE_SIZE :]
+    return file_key, buf[offset:]
+
+
+def _open(buf: memoryview, identities: Iterable[Identity] | Identity) -> tuple[bytes, memoryview]:
+    """Header checks; returns (payload key, STREAM ciphertext view)."""
+    file_key, payload = _open_header(buf, identities)
+    nonce = payload[: stream.NONCE_SIZE]
+    return stream.payload_key(file_key, nonce), payload[stream.NONCE_SIZE :]
 
 
 def _binary_view(data: BytesLike) -> memoryview:
@@ -265,8 +271,7 @@ def payload_size(path_or_bytes: PathLike | BytesLike) -> int:
         return stream.plaintext_size(len(view) - offset - stream.NONCE_SIZE)
     mm = _map(path_or_bytes)
     try:
-        return payload_size(memoryview(mm)) if not _is_armored(memoryview(mm)) \
-            else payload_size(_dearmor(memoryview(mm)))
+        return payload_size(memoryview(mm))
     finally:
         _close(mm)
 
@@ -286,22 +291,18 @@ def rewrap(ciphertext: PathLike | BytesLike, identities: Iterable[Identity] | Id
         return _rewrap(_binary_view(ciphertext), identities, recipients, verify)
     mm = _map(ciphertext)
     try:
-        return _rewrap(_binary_view(mm), identities, recipients, verify)
+        return _rewrap(_binary_view(memoryview(mm)), identities, recipients, verify)
     finally:
         _close(mm)
 
 
-def _rewrap(view: memoryview, identities, recipients, verify: bool) -> bytes:
-    header, offset = parse_header(view)
-    file_key = unwrap_file_key(header, identities)
-    verify_header_mac(header, file_key)
-    body = view[offset:]
-    if len(body) < stream.NONCE_SIZE:
-        raise IntegrityError()
+def _rewrap(view: memoryview, identities: Iterable[Identity] | Identity,
+            recipients: Iterable[Recipient] | Recipient, verify: bool) -> bytes:
+    file_key, payload = _open_header(view, identities)
     if verify:
-        key = stream.payload_key(file_key, body[: stream.NONCE_SIZE])
-        _verify_stream(key, body[stream.NONCE_SIZE :])
-    return _make_header(file_key, recipients) + bytes(body)
+        key = stream.payload_key(file_key, payload[: stream.NONCE_SIZE])
+        _verify_stream(key, payload[stream.NONCE_SIZE :])
+    return b"".join((_make_header(file_key, recipients), payload))
 
 
 def _verify_stream(key: bytes, body: memoryview) -> None:

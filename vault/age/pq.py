@@ -14,7 +14,7 @@ all-zero X25519 output (identity or low-order point in *enc*).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac

@@ -49,7 +49,7 @@ _PARALLEL_MIN_CHUNKS = 32  # below ~2 MiB a second thread costs more than it sav
 _WIPE_BLOCK = bytes(1 << 20)
 
 
-def payload_key(file_key: bytes, nonce: bytes) -> bytes:
+def payload_key(file_key: bytes, nonce: bytes | memoryview) -> bytes:
     """HKDF-SHA-256(ikm=file key, salt=nonce, info="payload")."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(nonce), info=b"payload").derive(file_key)
 
