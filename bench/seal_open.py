@@ -45,13 +45,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return elapsed
 
 
-def _bench(cases: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
-    """Run every case once per round, alternating, and return the median per case."""
+def _bench(cases: dict[str, Callable[[], object]], runs: int) -> dict[str, list[float]]:
+    """Run every case once per round, alternating, and return all timings per case."""
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(runs):
         for name, fn in cases.items():
             times[name].append(_timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def main() -> int:
@@ -99,7 +99,8 @@ def main() -> int:
         if pyrage is not None:
             their_recipient = pyrage.x25519.Recipient.from_str(recipient.to_string())
             seal_cases["pyrage"] = lambda: pyrage.encrypt(payload, [their_recipient])
-        seal = _bench(seal_cases, args.runs)
+        seal_runs = _bench(seal_cases, args.runs)
+        seal = {name: statistics.median(t) for name, t in seal_runs.items()}
 
         # Both files must be the real thing before we time opening them.
         opened = age.decrypt_file(sealed, [ident])
@@ -119,7 +120,8 @@ def main() -> int:
         if pyrage is not None:
             their_identity = pyrage.x25519.Identity.from_str(ident.to_string())
             open_cases["pyrage"] = lambda: pyrage.decrypt(sealed.read_bytes(), [their_identity])
-        opening = _bench(open_cases, args.runs)
+        open_runs = _bench(open_cases, args.runs)
+        opening = {name: statistics.median(t) for name, t in open_runs.items()}
         assert hashlib.sha256(reused).hexdigest() == digest
 
     mib = size / (1 << 20)
@@ -129,7 +131,9 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
         "open_s": {k: round(v, 4) for k, v in opening.items()},
+        "open_runs_s": {k: [round(x, 4) for x in v] for k, v in open_runs.items()},
         "seal_s": {k: round(v, 4) for k, v in seal.items()},
+        "seal_runs_s": {k: [round(x, 4) for x in v] for k, v in seal_runs.items()},
         "seal_mib_per_s": {k: round(mib / v, 1) for k, v in seal.items()},
         "open_ratio_age_over_ours": round(opening["age"] / opening["ours"], 2),
         "open_ratio_age_over_ours_into_buffer": round(opening["age"] / opening["ours_into_buffer"], 2),
@@ -142,12 +146,12 @@ def main() -> int:
         return 0
     print(f"{args.size_mib} MiB payload, median of {args.runs} alternating runs, "
           f"{report['cpus']} CPUs, load average {report['loadavg_1m']}")
-    print("open (into memory)        seconds")
+    print("open (into memory)        median       min       max")
     for name, t in opening.items():
-        print(f"  {name:22s} {t:8.3f}")
-    print("seal                      seconds     MiB/s")
+        print(f"  {name:22s} {t:8.3f}  {min(open_runs[name]):8.3f}  {max(open_runs[name]):8.3f}")
+    print("seal                      median       min       max     MiB/s")
     for name, t in seal.items():
-        print(f"  {name:22s} {t:8.3f}  {mib / t:8.1f}")
+        print(f"  {name:22s} {t:8.3f}  {min(seal_runs[name]):8.3f}  {max(seal_runs[name]):8.3f}  {mib / t:8.1f}")
     print(f"open ratio age/ours:               {report['open_ratio_age_over_ours']:.2f}x")
     print(f"open ratio age/ours (into buffer): {report['open_ratio_age_over_ours_into_buffer']:.2f}x")
     if pyrage is not None:
