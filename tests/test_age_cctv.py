@@ -115,9 +115,9 @@ def test_vector(name: str) -> None:
         age.decrypt(v.body, v.identities)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("armor")])
+@pytest.mark.parametrize("name", NAMES)
 def test_vector_from_file(name: str, tmp_path: Path) -> None:
-    """decrypt_file (the mmap path) agrees with decrypt on every binary vector."""
+    """decrypt_file (the mmap path) agrees with decrypt on every vector."""
     v = load(VECTORS / name)
     path = tmp_path / "f.age"
     path.write_bytes(v.body)
