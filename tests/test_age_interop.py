@@ -21,7 +21,7 @@ from vault import age
 from vault.errors import NoIdentityError
 
 CHUNK = 64 * 1024
-SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 11]
+SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK + 11, 100 * CHUNK + 3]  # the last one: two threads
 
 
 def _need(tool: str) -> str:
