@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import hmac
 import http.server
+import itertools
 import json
 import queue
 import secrets
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from vault.errors import UsageError, VaultError
+from vault.errors import EngineError, UsageError, VaultError
 
 __all__ = [
     "ServerLimits",
@@ -56,13 +58,13 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 # on_request(method, path, status, latency_seconds)
 RequestLog = Callable[[str, str, int, float], None]
-# respond(messages, *, adapter, max_tokens, temperature) -> iterator of chat chunks
+# respond(messages, *, adapter, max_tokens, temperature, top_p, seed) -> iterator of chat chunks
 Respond = Callable[..., Iterator[Any]]
 
 _ROLES = frozenset({"system", "user", "assistant"})
 # Accepted and deliberately ignored: they do not change what a single local context does.
 _IGNORED_FIELDS = frozenset({"user", "n", "stream_options", "max_completion_tokens"})
-_KNOWN_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "temperature"}) | _IGNORED_FIELDS
+_KNOWN_FIELDS = frozenset({"model", "messages", "stream", "max_tokens", "temperature", "top_p", "seed"}) | _IGNORED_FIELDS
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class ChatRequest:
     stream: bool
     max_tokens: int
     temperature: float
+    top_p: float
+    seed: int | None
     include_usage: bool
 
 
@@ -221,6 +225,14 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         temperature = 0.7
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         raise _bad("temperature must be a number between 0 and 2", "temperature")
+    top_p = body.get("top_p", 0.95)
+    if top_p is None:
+        top_p = 0.95
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+        raise _bad("top_p must be a number in (0, 1]", "top_p")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+        raise _bad("seed must be an integer in [0, 2**32)", "seed")
     n = body.get("n", 1)
     if n not in (None, 1) or isinstance(n, bool):
         raise _bad("only n=1 is supported", "n")
@@ -232,7 +244,7 @@ def parse_chat_request(body: Any, limits: ServerLimits) -> ChatRequest:
         if not isinstance(options, dict) or set(options) - {"include_usage"} or not stream:
             raise _bad("stream_options is only {include_usage} and needs stream=true", "stream_options")
         include_usage = bool(options.get("include_usage", False))
-    return ChatRequest(model, messages, stream, max_tokens, float(temperature), include_usage)
+    return ChatRequest(model, messages, stream, max_tokens, float(temperature), float(top_p), seed, include_usage)
 
 
 def _parse_max_tokens(body: dict[str, Any], limits: ServerLimits) -> int:
@@ -254,6 +266,7 @@ def _parse_max_tokens(body: dict[str, Any], limits: ServerLimits) -> int:
 
 
 _DONE = object()
+_POLL = 0.25  # seconds between checks that a waiting client is still connected
 
 
 @dataclass
@@ -266,16 +279,12 @@ class _Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _chunk_text(chunk: Any) -> str:
-    return getattr(chunk, "text", "") or ""
-
-
-def _chunk_finish(chunk: Any) -> str | None:
-    return getattr(chunk, "finish_reason", None)
-
-
 class _Worker(threading.Thread):
-    """The one thread that owns the llama.cpp context; runs queued jobs in order."""
+    """The one thread that owns the llama.cpp context; runs queued jobs in order.
+
+    Events put on ``job.events``: ("delta", text), ("replace", text) when the guard withdrew this
+    turn's text, then exactly one of ("done", (finish_reason, usage)) or ("error", _HTTPError).
+    """
 
     def __init__(self, respond: Respond, queue_size: int) -> None:
         super().__init__(name="vault-serve-worker", daemon=True)
@@ -296,20 +305,27 @@ class _Worker(threading.Thread):
         stream = None
         try:
             stream = self._respond(req.messages, adapter=job.adapter, max_tokens=req.max_tokens,
-                                   temperature=req.temperature)
+                                   temperature=req.temperature, top_p=req.top_p, seed=req.seed)
             for chunk in stream:
                 if job.cancelled.is_set():
                     break
-                text = _chunk_text(chunk)
-                if text:
+                text = getattr(chunk, "text", "") or ""
+                if getattr(chunk, "replace", False):
+                    job.events.put(("replace", text))
+                elif text:
                     job.events.put(("delta", text))
-                finish = _chunk_finish(chunk) or finish
-                usage = getattr(chunk, "usage", None) or usage
-        except VaultError as exc:
-            job.events.put(("error", exc.message))
+                finish = getattr(chunk, "finish_reason", None) or finish
+                usage = _usage(getattr(chunk, "usage", None) or chunk) or usage
+        except EngineError as exc:
+            # e.g. the conversation does not fit the context window: the request's fault
+            job.events.put(("error", _HTTPError(400, exc.message, code="engine_refused")))
+            return
+        except VaultError as exc:  # e.g. GuardError: fail closed, say why
+            job.events.put(("error", _HTTPError(500, exc.message, type_="server_error", code="generation_failed")))
             return
         except Exception as exc:  # noqa: BLE001 - the worker must survive any one bad generation
-            job.events.put(("error", f"internal error: {type(exc).__name__}"))
+            job.events.put(("error", _HTTPError(500, f"internal error: {type(exc).__name__}",
+                                                type_="server_error", code="generation_failed")))
             return
         finally:
             close = getattr(stream, "close", None)
@@ -458,6 +474,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             remaining -= len(data)
         return b"".join(parts)
 
+    def client_gone(self) -> bool:
+        """True if the peer closed or reset the connection (readable with EOF, or an error)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
         data = json.dumps(payload, separators=(",", ":")).encode()
         self._status = status
@@ -511,7 +537,8 @@ class ChatServer:
     Args:
         respond: ``respond(messages, *, adapter, max_tokens, temperature)`` returning an iterator of
             chunks with ``text`` and ``finish_reason`` (``"stop"``, ``"length"`` or
-            ``"content_filter"``), and optionally ``usage``; in production
+            ``"content_filter"``), and optionally token counts (``prompt_tokens`` and
+            ``completion_tokens``, or a ``usage`` holding them); in production
             ``functools.partial(runtime.chat.respond, engine, guard)``. It is only ever called
             from the one worker thread.
         base_name: the model id that means "no adapter".
@@ -659,31 +686,40 @@ class ChatServer:
         finally:
             job.cancelled.set()  # no-op when finished; stops generation if the client went away
 
-    def _events(self, job: _Job) -> Iterator[tuple[str, Any]]:
+    def _events(self, h: _Handler, job: _Job) -> Iterator[tuple[str, Any]]:
         deadline = time.monotonic() + self.limits.request_timeout
         while True:
             try:
-                kind, value = job.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                kind, value = job.events.get(timeout=_POLL)
             except queue.Empty:
-                yield "error", "timed out waiting for the model"
-                return
+                if h.client_gone():
+                    # stop generating for nobody; the worker checks this between chunks
+                    job.cancelled.set()
+                    raise ConnectionResetError("client went away") from None
+                if time.monotonic() > deadline:
+                    yield "error", _HTTPError(504, "timed out waiting for the model", type_="server_error",
+                                              code="timeout")
+                    return
+                continue
             yield kind, value
-            if kind != "delta":
+            if kind in ("done", "error"):
                 return
 
     def _complete(self, h: _Handler, job: _Job) -> None:
         parts: list[str] = []
-        for kind, value in self._events(job):
+        for kind, value in self._events(h, job):
             if kind == "delta":
                 parts.append(value)
+            elif kind == "replace":
+                parts = [value]
             elif kind == "error":
-                raise _HTTPError(500, value, type_="server_error", code="generation_failed")
+                raise value
             else:
                 finish, usage = value
                 body = self._envelope("chat.completion", job)
                 body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                                     "logprobs": None, "finish_reason": finish}]
-                body["usage"] = _usage(usage)
+                body["usage"] = usage
                 h.send_json(200, body)
 
     def _stream(self, h: _Handler, job: _Job) -> None:
@@ -692,20 +728,25 @@ class ChatServer:
         def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
             return {**envelope, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
+        events = self._events(h, job)
+        kind, value = next(events)
+        if kind == "error":
+            raise value  # nothing sent yet: a proper HTTP error status
         h.start_events()
         h.send_event(chunk({"role": "assistant", "content": ""}, None))
-        for kind, value in self._events(job):
-            if kind == "delta":
+        for kind, value in itertools.chain([(kind, value)], events):
+            if kind in ("delta", "replace"):
+                # Text already streamed cannot be recalled; runtime.chat only releases text the guard
+                # passed, so a late "replace" appends the refusal and the turn ends as content_filter.
                 h.send_event(chunk({"content": value}, None))
             elif kind == "error":
                 # Headers are gone already: report in-band the way OpenAI does, then end the stream.
-                h.send_event({"error": {"message": value, "type": "server_error", "param": None,
-                                        "code": "generation_failed"}})
+                h.send_event(value.body())
             else:
                 finish, usage = value
                 h.send_event(chunk({}, finish))
                 if job.request.include_usage:
-                    h.send_event({**envelope, "choices": [], "usage": _usage(usage)})
+                    h.send_event({**envelope, "choices": [], "usage": usage})
         h.end_events()
 
     def _envelope(self, obj: str, job: _Job) -> dict[str, Any]:
@@ -714,6 +755,7 @@ class ChatServer:
 
 
 def _usage(usage: Any) -> dict[str, int] | None:
+    """Token counts from a usage mapping or an object with ``prompt_tokens``/``completion_tokens``."""
     if usage is None:
         return None
     if isinstance(usage, Mapping):
