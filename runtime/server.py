@@ -265,7 +265,6 @@ def _parse_max_tokens(body: dict[str, Any], limits: ServerLimits) -> int:
 # --------------------------------------------------------------------------- the worker
 
 
-_DONE = object()
 _POLL = 0.25  # seconds between checks that a waiting client is still connected
 
 
@@ -289,13 +288,17 @@ class _Worker(threading.Thread):
     def __init__(self, respond: Respond, queue_size: int) -> None:
         super().__init__(name="vault-serve-worker", daemon=True)
         self._respond = respond
-        self.jobs: "queue.Queue[Any]" = queue.Queue(maxsize=queue_size)
+        self.jobs: "queue.Queue[_Job]" = queue.Queue(maxsize=queue_size)
+        self.stopping = threading.Event()  # set by stop(): exit once the queue is empty
 
     def run(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is _DONE:
-                return
+            try:
+                job = self.jobs.get(timeout=_POLL)
+            except queue.Empty:
+                if self.stopping.is_set():
+                    return
+                continue
             if not job.cancelled.is_set():
                 self._run(job)
 
@@ -424,7 +427,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError, socket.timeout):
                 self.close_connection = True
                 self._status = self._status or 499
-        app._log(method, path, self._status, time.monotonic() - start)
+        app._log(method, _printable(path), self._status, time.monotonic() - start)
 
     def _authenticate(self) -> None:
         header = self.headers.get("Authorization", "")
@@ -600,8 +603,9 @@ class ChatServer:
         """
         timeout = self.limits.drain_timeout if drain_timeout is None else drain_timeout
         self._draining.set()
-        self._httpd.shutdown()  # the accept loop ends; no new connections are taken
-        self._httpd.socket.close()
+        if self._serve_thread is not None:
+            self._httpd.shutdown()  # the accept loop ends; no new connections are taken
+        self._httpd.server_close()
         deadline = time.monotonic() + timeout
         with self._idle:
             while self._inflight and time.monotonic() < deadline:
@@ -609,8 +613,9 @@ class ChatServer:
             drained = self._inflight == 0
         if not drained:
             self._cancel_queued()
-        self._worker.jobs.put(_DONE)
-        self._worker.join(timeout=max(1.0, deadline - time.monotonic()))
+        self._worker.stopping.set()
+        if self._worker.is_alive():
+            self._worker.join(timeout=max(1.0, deadline - time.monotonic()))
         return drained
 
     def _cancel_queued(self) -> None:
@@ -619,9 +624,9 @@ class ChatServer:
                 job = self._worker.jobs.get_nowait()
             except queue.Empty:
                 return
-            if job is not _DONE:
-                job.cancelled.set()
-                job.events.put(("error", "the server is shutting down"))
+            job.cancelled.set()
+            job.events.put(("error", _HTTPError(503, "the server is shutting down", type_="server_error",
+                                                code="shutting_down")))
 
     # -- bookkeeping
 
@@ -766,6 +771,11 @@ def _usage(usage: Any) -> dict[str, int] | None:
         return None
     return {"prompt_tokens": int(prompt), "completion_tokens": int(completion),
             "total_tokens": int(prompt) + int(completion)}
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """A client-chosen path made safe for a terminal log line (no escape sequences, bounded)."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 class _InFlight:
