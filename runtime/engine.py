@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -173,7 +173,7 @@ class Engine:
     # -- generation -------------------------------------------------------------------
 
     def stream(self, messages: Sequence[Mapping[str, Any]], *, max_tokens: int = 256, temperature: float = 0.7,
-               top_p: float = 0.95, seed: int | None = None) -> Iterator[Piece]:
+               top_p: float = 0.95, seed: int | None = None) -> Generator[Piece, None, None]:
         """Generate an assistant turn with the active adapter; the last Piece has finish_reason.
 
         Holds :attr:`lock` while the generator is alive; close it (or exhaust it) to release.

@@ -157,7 +157,7 @@ def convert(
     out[: len(meta)] = meta
     pos = data_start
     for arr in arrays:
-        out[pos : pos + arr.nbytes] = memoryview(arr).cast("B")
+        out[pos : pos + arr.nbytes] = arr.data.cast("B")  # no bytes copy: only zeroable buffers hold plaintext
         pos += _padded(arr.nbytes)
     for tmp in temporaries:
         tmp.fill(0)
