@@ -435,3 +435,14 @@ def test_client_that_goes_away_cancels_its_generation(make_server, respond) -> N
     assert closed.wait(30), "the generation was never closed"
     assert not finished.is_set() and seen and seen[-1] < 400, seen
     assert raw(server, "GET", "/v1/models")[0] == 200  # and the worker serves the next request
+
+
+def test_request_log_cannot_carry_terminal_escapes(make_server, respond) -> None:
+    server = make_server(respond)
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/\x1b[2J\x07" + b"a" * 500 + b"?secret=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + TOKEN.encode() + b"\r\nConnection: close\r\n\r\n")
+        assert sock.makefile("rb").read().startswith(b"HTTP/1.1 404 ")
+    method, path, status, _ = server.request_log[-1]
+    assert (method, status) == ("GET", 404)
+    assert path.startswith("/v1/?[2J?a") and len(path) == 200 and "secret" not in path
