@@ -511,6 +511,7 @@ def audit_adapter(
     *,
     vault: Any = None,
     engine: Any = None,
+    engine_factory: Callable[[], Any] | None = None,
     force: bool = False,
     name: str | None = None,
     adapter_sha256: str | None = None,
@@ -523,11 +524,13 @@ def audit_adapter(
         vault: a ``vault.store.Vault``: enables the MACed caches (key in its KeyStore) and stores the
             verdict on its Entry ``name``.
         engine: a ``runtime.engine.Engine`` on the same base: enables the behavioural check.
+        engine_factory: makes that engine only if the verdict is not cached (the CLI's way).
         force: the owner's override of a "reject": logged to VAULT_HOME/logs/audit.log, remembered in the
             MACed cache (later audits of the same adapter and base report ``details["forced"]``), and
             refused for an Entry that carries a licence.
         name: the vault name (for the Entry update and the log).
-        adapter_sha256: the caller's digest of the adapter (e.g. Entry.sha256); computed if absent.
+        adapter_sha256: the caller's digest of the adapter; default: the vault Entry's sha256, else a
+            digest of the tensors and config.
 
     Returns:
         AuditReport(verdict, reasons, details, cached). Use :func:`require_loadable` before loading.
@@ -538,8 +541,10 @@ def audit_adapter(
         BaseModelError: the base is not a llama-architecture GGUF.
     """
     peft_config = dict(getattr(meta, "peft_config", meta) or {})
-    digest = adapter_sha256 or adapter_digest(tensors, peft_config)
     entry = vault.get(name) if vault is not None and name else None
+    # The Entry's digest (of the sealed plaintext blob, from the authenticated index) names the adapter
+    # without hashing megabytes of tensors on every load.
+    digest = adapter_sha256 or (entry.sha256 if entry is not None else adapter_digest(tensors, peft_config))
     licensed = bool(entry is not None and getattr(entry, "licence", None))
     if force and licensed:
         raise LicenceError(f"adapter {name!r} was received under licence; its audit verdict cannot be forced")
@@ -547,9 +552,14 @@ def audit_adapter(
     body = cache.load() if cache is not None else {"verdicts": {}, "forced": {}}
     key = AuditCache.key_for(digest, base.sha256)
     hit = body["verdicts"].get(key)
+    wants_behaviour = engine is not None or engine_factory is not None
+    if hit is not None and wants_behaviour and not hit["details"].get("behaviour"):
+        hit = None  # cached from a static-only audit; the caller asked for the behavioural check too
     if hit is not None:
         report = AuditReport(hit["verdict"], tuple(hit["reasons"]), dict(hit["details"]), cached=True)
     else:
+        if engine is None and engine_factory is not None:
+            engine = engine_factory()
         report = _run(tensors, peft_config, base, engine, cache, progress)
         body["verdicts"][key] = {"verdict": report.verdict, "reasons": list(report.reasons), "details": report.details}
     forced = report.verdict == "reject" and not licensed and (force or key in body["forced"])
