@@ -414,6 +414,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start = time.monotonic()
         path = self.path.split("?", 1)[0]
         self._status = 0
+        self._body_read = False
         with app._track():
             try:
                 if app._draining.is_set():
@@ -423,6 +424,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._authenticate()
                 app._route(self, method, path)
             except _HTTPError as exc:
+                if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0"
+                                            or self.headers.get("Transfer-Encoding")):
+                    self.close_connection = True  # unread body bytes must not parse as the next request
                 self._send_error(exc)
             except (BrokenPipeError, ConnectionResetError, socket.timeout):
                 self.close_connection = True
@@ -435,7 +439,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         expected = self.server.app._token
         # compare_digest on equal-type bytes: time does not depend on where they differ
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            self.close_connection = True  # the body (if any) was not read
             raise _HTTPError(401, "missing or invalid bearer token; see `vault serve --show-token`",
                              type_="authentication_error", code="invalid_api_key",
                              headers={"WWW-Authenticate": 'Bearer realm="vault"'})
@@ -447,15 +450,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise _HTTPError(411, "chunked request bodies are not supported; send Content-Length",
                              code="length_required")
         raw_length = self.headers.get("Content-Length")
-        if raw_length is None or not raw_length.isdigit():
+        raw_length = (raw_length or "").strip()
+        if not (raw_length.isascii() and raw_length.isdigit()):
             self.close_connection = True
             raise _HTTPError(411, "a Content-Length header is required", code="length_required")
-        length = int(raw_length)
+        length = int(raw_length) if len(raw_length) <= 20 else limits.max_body_bytes + 1
         if length > limits.max_body_bytes:
             self.close_connection = True
             raise _HTTPError(413, f"request body too large: at most {limits.max_body_bytes} bytes",
                              code="request_too_large")
         body = self._read_exactly(length)
+        self._body_read = True
         try:
             return json.loads(body)
         except (UnicodeDecodeError, ValueError):
@@ -653,7 +658,6 @@ class ChatServer:
                 raise self._unknown_model(model)
             h.send_json(200, self._model_card(model))
         else:
-            h.close_connection = True  # a body, if any, was not read
             raise _HTTPError(404, f"no such endpoint: {path[:100]}", code="not_found")
 
     @staticmethod

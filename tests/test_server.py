@@ -446,3 +446,28 @@ def test_request_log_cannot_carry_terminal_escapes(make_server, respond) -> None
     method, path, status, _ = server.request_log[-1]
     assert (method, status) == ("GET", 404)
     assert path.startswith("/v1/?[2J?a") and len(path) == 200 and "secret" not in path
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_the_context_is_a_400(make_server, respond, engine) -> None:
+    server = make_server(respond, max_content_chars=32_000)
+    words = " ".join(f"word{i}" for i in range(3000))  # ~ 9000 tokens > n_ctx 1024
+    status, _, payload = raw(server, "POST", "/v1/chat/completions",
+                             chat_body(messages=[{"role": "user", "content": words}]))
+    assert status == 400 and payload["error"]["code"] == "engine_refused"
+    assert "does not fit" in payload["error"]["message"] and "word1" not in payload["error"]["message"]
+    status, _, _ = raw(server, "POST", "/v1/chat/completions",
+                       chat_body(stream=True, messages=[{"role": "user", "content": words}]))
+    assert status == 400  # streaming too: the error comes before any event, as a real status
+
+
+def test_unread_body_closes_the_connection(make_server, respond) -> None:
+    server = make_server(respond)
+    # a 405 with a body the server never reads: the leftover bytes must not become a second request
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        reply = sock.makefile("rb").read()  # until the server closes the connection
+    assert reply.startswith(b"HTTP/1.1 405 ") and b"Connection: close" in reply and reply.count(b"HTTP/1.1") == 1
+    assert [entry[:3] for entry in server.request_log] == [("POST", "/v1/models", 405)]
