@@ -86,6 +86,7 @@ def serve_cmd(names: tuple[str, ...], host: str, port: int, allow_remote: bool, 
     Listens on 127.0.0.1 only unless --allow-remote. Every request needs the bearer token, which
     is generated once and kept in the OS keyring: use it as the OpenAI API key, e.g.
 
+    \b
         export OPENAI_BASE_URL=http://127.0.0.1:8642/v1
         export OPENAI_API_KEY=$(vault serve --show-token)
 
@@ -148,5 +149,26 @@ def _serve(vault: Any, token: str, names: tuple[str, ...], *, host: str, port: i
     finally:
         engine.close()
 
+
+def _guard_note() -> str:
+    from runtime.loader import guard_is_passthrough
+
+    if guard_is_passthrough():
+        return "NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): nothing is screened."
+    return ("Every prompt and answer is screened by the guard (a blocked one is an ordinary completion with "
+            "finish_reason \"content_filter\"); adapters are audited before they are loaded.")
+
+
+def _help_with_guard(command: click.Command) -> None:
+    """Put the guard's real status into --help."""
+    original = command.get_help
+
+    def get_help(ctx: click.Context) -> str:
+        return original(ctx) + "\n\n" + _guard_note()
+
+    command.get_help = get_help  # type: ignore[method-assign]
+
+
+_help_with_guard(serve_cmd)
 
 COMMANDS = [serve_cmd]

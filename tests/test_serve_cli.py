@@ -57,8 +57,9 @@ class Served:
         deadline = time.monotonic() + timeout
         while marker not in seen:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"vault serve did not start: {seen!r}\n{self.stderr()}")
+                log = self.stderr()
+                self.stop(signal.SIGKILL, timeout=30)
+                raise AssertionError(f"vault serve did not start: {seen!r}\n{log}")
             if sel.select(timeout=0.5):
                 seen += self.proc.stdout.readline()
         seen += self.proc.stdout.readline()  # the models line
@@ -142,7 +143,11 @@ def test_non_loopback_needs_allow_remote(sealed) -> None:
     for host in ("0.0.0.0", "192.0.2.1", "::"):
         out = vault_cli("serve", "--host", host)
         assert out.returncode == 2 and "--allow-remote" in out.stderr, out.stderr
-    assert "serve" in vault_cli("serve", "--help").stdout
+    from runtime.loader import guard_is_passthrough
+
+    help_text = vault_cli("serve", "--help").stdout
+    assert "--allow-remote" in help_text and "--show-token" in help_text
+    assert ("pass-through" in help_text) == guard_is_passthrough()  # --help tells the guard's real status
 
 
 def test_show_token_needs_a_vault(keyring_env) -> None:
