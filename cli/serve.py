@@ -126,6 +126,8 @@ def _serve(vault: Any, token: str, names: tuple[str, ...], *, host: str, port: i
         if loader.guard_is_passthrough():
             err.print("[yellow]NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): "
                       "nothing is screened.[/]")
+        if engine.base.name in names:
+            raise UsageError(f"an adapter may not be called {engine.base.name!r}: that name selects the base model")
         for name in names:
             report = loader.attach(engine, vault, name, guard=guard, progress=status)
             status(f"adapter {name} loaded from memory in {report.seconds:.2f} s (audit: {report.audit.verdict})")

@@ -27,6 +27,7 @@ method, path, status and latency only; prompt text never leaves the worker.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import http.server
 import itertools
@@ -635,8 +636,17 @@ class ChatServer:
 
     # -- bookkeeping
 
-    def _track(self) -> "_InFlight":
-        return _InFlight(self)
+    @contextlib.contextmanager
+    def _track(self) -> Iterator[None]:
+        """Count a request as in flight, so stop() can wait for it to finish."""
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
 
     def _log(self, method: str, path: str, status: int, seconds: float) -> None:
         if self._on_request is not None:
@@ -780,19 +790,3 @@ def _usage(usage: Any) -> dict[str, int] | None:
 def _printable(text: str, limit: int = 200) -> str:
     """A client-chosen path made safe for a terminal log line (no escape sequences, bounded)."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
-class _InFlight:
-    """Counts requests being handled, so stop() can wait for them to finish."""
-
-    def __init__(self, app: ChatServer) -> None:
-        self._app = app
-
-    def __enter__(self) -> None:
-        with self._app._idle:
-            self._app._inflight += 1
-
-    def __exit__(self, *exc: Any) -> None:
-        with self._app._idle:
-            self._app._inflight -= 1
-            self._app._idle.notify_all()

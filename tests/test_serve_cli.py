@@ -150,6 +150,14 @@ def test_non_loopback_needs_allow_remote(sealed) -> None:
     assert ("pass-through" in help_text) == guard_is_passthrough()  # --help tells the guard's real status
 
 
+@pytest.mark.slow
+def test_unknown_adapter_or_base_name_is_refused_before_listening(sealed) -> None:
+    out = vault_cli("serve", "nosuch", "--port", "0", "--threads", "1")
+    assert out.returncode == 8 and "listening" not in out.stdout  # UnknownNameError
+    out = vault_cli("serve", BASE, "--port", "0", "--threads", "1")
+    assert out.returncode == 2 and "selects the base model" in out.stderr
+
+
 def test_show_token_needs_a_vault(keyring_env) -> None:
     out = vault_cli("serve", "--show-token")
     assert out.returncode == 5 and not out.stdout  # NotInitializedError: no vault, no token
