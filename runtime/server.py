@@ -81,6 +81,7 @@ class ServerLimits:
     queue_size: int = 16
     max_connections: int = 32
     socket_timeout: float = 30.0  # per recv/send on a client socket
+    header_timeout: float = 30.0  # request line + headers in all (slowloris), and keep-alive idle time
     request_timeout: float = 600.0  # waiting for the worker, per request
     drain_timeout: float = 60.0  # graceful shutdown: in-flight requests get this long
 
@@ -381,6 +382,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.app.limits.socket_timeout
         super().setup()
 
+    def handle_one_request(self) -> None:
+        # The per-recv timeout does not bound a client that drips header bytes; the watchdog does.
+        self.server.app._watch(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.app._unwatch(self.connection)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # no printing from library code; see ChatServer.on_request
 
@@ -412,6 +421,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         app = self.server.app
+        app._unwatch(self.connection)  # headers are in; the body and the response have their own limits
         start = time.monotonic()
         path = self.path.split("?", 1)[0]
         self._status = 0
@@ -580,6 +590,9 @@ class ChatServer:
         self._httpd = server_class((host, port), _Handler)
         self._httpd.app = self
         self._serve_thread: threading.Thread | None = None
+        self._header_deadlines: dict[socket.socket, float] = {}
+        self._deadlines_lock = threading.Lock()
+        self._watchdog = threading.Thread(target=self._watchdog_loop, name="vault-serve-watchdog", daemon=True)
 
     @property
     def host(self) -> str:
@@ -600,6 +613,7 @@ class ChatServer:
         self._serve_thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                               name="vault-serve-accept", daemon=True)
         self._serve_thread.start()
+        self._watchdog.start()
 
     def stop(self, drain_timeout: float | None = None) -> bool:
         """Stop gracefully: refuse new requests, finish in-flight ones, stop the worker.
@@ -635,6 +649,28 @@ class ChatServer:
                                                 code="shutting_down")))
 
     # -- bookkeeping
+
+    def _watch(self, conn: socket.socket) -> None:
+        with self._deadlines_lock:
+            self._header_deadlines[conn] = time.monotonic() + self.limits.header_timeout
+
+    def _unwatch(self, conn: socket.socket) -> None:
+        with self._deadlines_lock:
+            self._header_deadlines.pop(conn, None)
+
+    def _watchdog_loop(self) -> None:
+        """Cut connections whose request line and headers did not arrive within header_timeout."""
+        while not self._worker.stopping.wait(_POLL):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [conn for conn, deadline in self._header_deadlines.items() if deadline < now]
+                for conn in late:
+                    del self._header_deadlines[conn]
+            for conn in late:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)  # the blocked recv returns; the handler thread ends
+                except OSError:
+                    pass
 
     @contextlib.contextmanager
     def _track(self) -> Iterator[None]:

@@ -471,3 +471,27 @@ def test_unread_body_closes_the_connection(make_server, respond) -> None:
         reply = sock.makefile("rb").read()  # until the server closes the connection
     assert reply.startswith(b"HTTP/1.1 405 ") and b"Connection: close" in reply and reply.count(b"HTTP/1.1") == 1
     assert [entry[:3] for entry in server.request_log] == [("POST", "/v1/models", 405)]
+
+
+def test_dripping_headers_are_cut_off(make_server, respond) -> None:
+    # each byte arrives well within the per-recv timeout; the request as a whole does not
+    server = make_server(respond, socket_timeout=10, header_timeout=1)
+    start = time.monotonic()
+    closed = False
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        for byte in b"GET /v1/models HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+            except OSError:
+                closed = True
+                break
+            if time.monotonic() - start > 8:
+                break
+        if not closed:
+            try:
+                closed = sock.recv(1024) == b""
+            except OSError:
+                closed = True
+    assert closed and time.monotonic() - start < 5
+    assert raw(server, "GET", "/v1/models")[0] == 200
