@@ -450,6 +450,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         expected = self.server.app._token
         # compare_digest on equal-type bytes: time does not depend on where they differ
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            self.close_connection = True  # no keep-alive for strangers: they cannot sit on connection slots
             raise _HTTPError(401, "missing or invalid bearer token; see `vault serve --show-token`",
                              type_="authentication_error", code="invalid_api_key",
                              headers={"WWW-Authenticate": 'Bearer realm="vault"'})

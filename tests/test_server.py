@@ -260,7 +260,7 @@ def test_http_errors_are_openai_shaped(make_server, respond) -> None:
         assert (got, payload["error"]["code"]) == (status, code), (method, path, payload)
         assert set(payload["error"]) == {"message", "type", "param", "code"}
         if status == 401:
-            assert hdrs["www-authenticate"].startswith("Bearer")
+            assert hdrs["www-authenticate"].startswith("Bearer") and hdrs["connection"] == "close"
         if status == 405:
             assert "allow" in hdrs
     # the openai client maps them onto its exception classes
