@@ -76,7 +76,11 @@ class SecretService:
         for line in proc.stdout.splitlines():
             if line.startswith("GNOME_KEYRING_PID="):
                 self._keyring_pid = int(line.split("=", 1)[1])
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # do not leak the bus and the daemon when the service never became ready
+            raise
         return self
 
     def _wait_ready(self) -> None:
@@ -90,9 +94,14 @@ class SecretService:
                 conn = open_dbus_connection(bus=self.address)
                 try:
                     secretstorage.check_service_availability(conn)  # type: ignore[arg-type]
-                    col = secretstorage.get_default_collection(conn)
-                    if not col.is_locked():
-                        return
+                    # Never call get_default_collection() before the daemon has created "login":
+                    # it would try to *create* the collection, the prompt is dismissed (no UI), and
+                    # the daemon stays unusable. Seen when a test starts several services quickly.
+                    if any(c.collection_path.endswith("/collection/login")
+                           for c in secretstorage.get_all_collections(conn)):
+                        col = secretstorage.Collection(conn)  # the "default" alias; raises if not set yet
+                        if not col.is_locked():
+                            return
                 finally:
                     conn.close()
             except Exception:  # noqa: BLE001 - retried until the deadline
