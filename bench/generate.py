@@ -84,7 +84,7 @@ def role_vault_throughput(args: argparse.Namespace) -> dict:
     base = default_model()
     blob = bytearray(make_blob(adapter_tensors(args.rank), peft_config(args.rank), base_name=base.name,
                                base_sha256=base.sha256))
-    guard = loader.default_guard(None)
+    guard = loader.default_guard(None, engine=engine)
     loader.attach_blob(engine, blob, "bench", guard=guard)
     msgs = [{"role": "user", "content": PROMPT}]
     list(respond(engine, guard, msgs, adapter="bench", max_tokens=8, temperature=0))  # warm-up

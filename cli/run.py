@@ -124,7 +124,7 @@ class _Session:
     @property
     def guard(self) -> Any:
         if self._guard is None:
-            self._guard = self._loader.default_guard(self._vault)
+            self._guard = self._loader.default_guard(self._vault, engine=self.engine)
         return self._guard
 
     def adapter(self, name: str | None) -> str | None:

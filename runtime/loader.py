@@ -74,13 +74,16 @@ def hardening() -> memfd.Hardening:
     return _hardening
 
 
-def default_guard(vault: Any = None) -> Guard:
-    """The real guard (runtime.guard.default_guard) when it exists, else the pass-through."""
+def default_guard(vault: Any = None, *, engine: Engine | None = None) -> Guard:
+    """The real guard (runtime.guard.default_guard) when it exists, else the pass-through.
+
+    ``engine`` (the base, loaded) lets the real guard's audit run its behavioural check.
+    """
     try:
         from runtime.guard import default_guard as real  # type: ignore[attr-defined]
     except ImportError:
         return PassThroughGuard()
-    return real(vault)
+    return real(vault) if engine is None else real(vault, engine=engine)
 
 
 def guard_is_passthrough() -> bool:
