@@ -22,8 +22,11 @@ __all__ = ["console", "err_console", "print_json", "print_table", "human_size", 
 
 
 def console() -> Console:
-    """A rich console on stdout (created per call so CliRunner's captured stdout is honoured)."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    """A rich console on stdout (created per call so captured stdout is honoured).
+
+    Piped output gets a wide fixed width so tables stay one row per line for grep and scripts.
+    """
+    return Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def err_console() -> Console:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from cli.render import console, err_console, human_size, print_json, print_table, progress_bar, short
 from vault import age
-from vault.errors import UsageError
+from vault.errors import NoIdentityError, UsageError
 from vault.fsio import atomic_write
 from vault.store import Entry, Vault
 
@@ -205,7 +205,10 @@ def recover_cmd(recovery_file: Path | None) -> None:
     """
     if recovery_file is not None:
         sealed = recovery_file.read_bytes()
-        plaintext = age.decrypt(sealed, [age.ScryptIdentity(_passphrase(confirm=False))])
+        try:
+            plaintext = age.decrypt(sealed, [age.ScryptIdentity(_passphrase(confirm=False))])
+        except NoIdentityError:
+            raise NoIdentityError(f"wrong passphrase for {recovery_file} (or not a passphrase-encrypted file)") from None
         key = plaintext.decode("ascii", "replace").strip()
         plaintext[:] = bytes(len(plaintext))
     elif sys.stdin.isatty():
@@ -223,8 +226,7 @@ def recover_cmd(recovery_file: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.option("--fix", is_flag=True, help="Repair what is safe: file modes, orphaned and temporary files, "
               "a stale config.json.")
-@click.pass_context
-def doctor_cmd(ctx: click.Context, as_json: bool, fix: bool) -> None:
+def doctor_cmd(as_json: bool, fix: bool) -> None:
     """Check the keyring, file permissions and the integrity of every sealed file.
 
     Exits 1 if any check fails.
@@ -235,7 +237,7 @@ def doctor_cmd(ctx: click.Context, as_json: bool, fix: bool) -> None:
     else:
         print_table(["check", "status", "detail"], [(c.name, Text.from_markup(_CHECK_MARK[c.status]), c.detail) for c in checks])
     if any(c.status == "fail" for c in checks):
-        ctx.exit(1)
+        sys.exit(1)  # not ctx.exit: cli.main runs click with standalone_mode=False, which drops Exit codes
 
 
 COMMANDS = [init_cmd, add_cmd, list_cmd, show_cmd, remove_cmd, rotate_cmd, recover_cmd, doctor_cmd]
