@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
+
 from runtime.models import BaseModel, resolve
 from runtime.train_data import IGNORE, Corpus, Example, build_examples, read_corpus, split_examples
 from vault.errors import TrainingError, VaultError
@@ -307,7 +309,7 @@ def load_adapter_tensors(model: Any, tensors: dict[str, Any]) -> None:
             raise TrainingError(f"the adapter's tensor {name} has shape {tuple(array.shape)}, "
                                 f"expected {tuple(params[key].shape)}")
         with torch.no_grad():
-            params[key].copy_(torch.from_numpy(array.astype("float32", copy=False)))
+            params[key].copy_(torch.from_numpy(np.array(array, dtype=np.float32)))
         seen.add(key)
     if seen != set(params):
         raise TrainingError("the adapter does not cover every LoRA module of this configuration")
