@@ -149,13 +149,11 @@ def test_recovery_file_rotate_doctor_and_recover(keyring_env, make_user, isolate
                       env=dict(new_machine.env, VAULT_RECOVERY_PASSPHRASE="wrong"))
     _assert_one_line_error(wrong, NoIdentityError.exit_code)
     assert "wrong passphrase" in wrong.stderr
+    by_stdin = vault_cli("recover", env=new_machine.env, stdin=recovery.decode())
+    assert by_stdin.returncode == 0, by_stdin.stderr
+    assert [e["name"] for e in json.loads(vault_cli("list", "--json", env=new_machine.env).stdout)] == ["a"]
+    # recover is re-runnable: again, from the passphrase-encrypted file (one keyring: fewer private buses)
     recovered = vault_cli("recover", "--recovery-file", str(recovery_file),
                           env=dict(new_machine.env, VAULT_RECOVERY_PASSPHRASE="correct horse battery staple"))
     assert recovered.returncode == 0, recovered.stderr
-    assert [e["name"] for e in json.loads(vault_cli("list", "--json", env=new_machine.env).stdout)] == ["a"]
-
-    again = make_user("third-machine")
-    subprocess.run(["cp", "-a", str(isolated_home), str(again.home)], check=True)
-    by_stdin = vault_cli("recover", env=again.env, stdin=recovery.decode())
-    assert by_stdin.returncode == 0, by_stdin.stderr
-    assert vault_cli("doctor", env=again.env).returncode == 0
+    assert vault_cli("doctor", env=new_machine.env).returncode == 0
