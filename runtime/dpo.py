@@ -254,7 +254,10 @@ def train_preferences(vault: Any, name: str, config: DpoConfig = DpoConfig(), *,
     from vault.adapter import load_blob
     from vault.errors import BaseModelError
 
+    from runtime.memfd import harden
+
     config.validate()
+    harden()  # no core dump and no same-uid ptrace while pairs and weights are in memory
     started = clock()
     vault.get(name)
     pairs = load_pairs(vault, name)

@@ -531,7 +531,10 @@ def train(
     require_torch()
     import torch
 
+    from runtime.memfd import harden
+
     config.validate()
+    harden()  # no core dump and no same-uid ptrace: this process holds the user's text and weights
     started = clock()
     if not force and any(e.name == name for e in vault.entries()):
         from vault.errors import AlreadyExistsError

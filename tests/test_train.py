@@ -269,6 +269,7 @@ def test_train_interrupt_resume_seal_load_with_no_plaintext_on_disk(
                      if not p.startswith(str(isolated_home) + "/") and not p.startswith(_ALLOWED_PREFIXES))
     assert outside == [], f"files written outside VAULT_HOME: {outside}"
     needle = canary.encode()
+    assert needle in (data / "journal.md").read_bytes()  # positive control: the scanner can find it
     scanned = 0
     for path in list(written) + [str(p) for p in isolated_home.rglob("*") if p.is_file()] + \
             [str(p) for p in (tmp_path / "tmp").rglob("*") if p.is_file()]:
