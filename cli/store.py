@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
@@ -67,20 +68,21 @@ def init_cmd(recovery_file: Path | None) -> None:
     passphrase = _passphrase(confirm=True) if recovery_file is not None else None
     vault, recovery = Vault.create()
     out = console()
-    out.print(f"Created a vault at [bold]{vault.home}[/] (device key in the OS keyring).")
+    out.print(f"Created a vault at [bold]{escape(str(vault.home))}[/] (device key in the OS keyring).")
     if recovery_file is not None and passphrase is not None:
         try:
             sealed = age.encrypt(recovery.encode("ascii") + b"\n", [age.ScryptRecipient(passphrase)], armor=True)
             atomic_write(recovery_file, sealed)
         except Exception:
-            out.print(Panel(recovery, title="could not write the recovery file: WRITE THIS KEY DOWN NOW"))
+            out.print(Panel(recovery, title="could not write the recovery file: WRITE THIS KEY DOWN NOW", expand=False))
             raise
         out.print(
-            f"Recovery key written to [bold]{recovery_file}[/], encrypted with your passphrase (age scrypt).\n"
+            f"Recovery key written to [bold]{escape(str(recovery_file))}[/], encrypted with your passphrase (age scrypt).\n"
             "Keep a copy OFF this machine. `age -d` with the passphrase reveals it."
         )
         return
-    out.print(Panel(recovery, title="RECOVERY KEY: write this down now", subtitle="shown once, stored nowhere"))
+    out.print(Panel(recovery, title="RECOVERY KEY: write this down now", subtitle="shown once, stored nowhere",
+                    expand=False))
     out.print(
         "Without this key a lost or reinstalled machine means lost adapters.\n"
         "Keep it on paper or in a password manager, never next to the vault."
@@ -117,7 +119,7 @@ def add_cmd(name: str, path: Path, base: str | None, force: bool, remove_source:
         )
     console().print(
         f"Sealed [bold]{entry.name}[/] ({human_size(entry.size)}, r={entry.r}, "
-        f"{', '.join(entry.target_modules)}) for base {entry.base_name} [{short(entry.base_sha256)}]."
+        f"{', '.join(entry.target_modules)}) for base {escape(entry.base_name)} (sha256 {short(entry.base_sha256)})."
     )
     if remove_source:
         err_console().print(f"[yellow]warning:[/] {SOURCE_WARNING}")
@@ -218,7 +220,7 @@ def recover_cmd(recovery_file: Path | None) -> None:
     with progress_bar("recovering") as progress:
         vault = Vault.recover(key, progress=progress)
     console().print(
-        f"Recovered the vault at {vault.home}: {len(vault.entries())} adapters, new device key in this keyring."
+        f"Recovered the vault at {escape(str(vault.home))}: {len(vault.entries())} adapters, new device key in this keyring."
     )
 
 
