@@ -88,7 +88,8 @@ def attacker_directions(base_model, shared_data: Path, n: int = 48) -> AttackerD
     h = len(harmful)
 
     def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        # position 0 (embeddings of the same final template token) has no difference at all
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
     return AttackerDirections(
         last=unit(states.last[:, :h].mean(1) - states.last[:, h:].mean(1)),
