@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Guard screening latency: the shipped classifier against one base-model forward pass.
+
+Per-prompt wall time (p50, p99) of ``screen_messages`` on held-out prompts, in two sizes:
+
+    chat   prompts under 128 tokens (held-out direct, benign and XSTest prompts)
+    long   prompts of 1,000+ tokens (held-out buried requests and long benign texts)
+
+measured with the process pinned to 1 CPU and to 2 CPUs (the screen itself is single-threaded).
+The baseline, measured in the same run on the same prompts, is what a guard built on the base
+model would pay at the very least: one llama.cpp forward pass of the prompt through the
+embedded SmolLM2-135M (2 threads), no generation. Ratios are baseline / ours (> 1: we are faster).
+Also: the output screen on a 256-token answer (it runs every 16 tokens while streaming).
+
+If bench/guard_audit.py exists (the adapter audit's benchmark) its main() runs afterwards.
+
+    python bench/guard.py [--runs 3] [--baseline-prompts 12] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from runtime.guard.screen import load_heldout, load_model, screen_messages, screen_text_output  # noqa: E402
+
+
+def _tokens(llm, text: str) -> int:
+    return len(llm.tokenize(text.encode("utf-8"), add_bos=False))
+
+
+def _pct(xs: list[float]) -> dict[str, float]:
+    ms = np.array(xs) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(xs)}
+
+
+def _time_screen(model, prompts: list[str], runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        for p in prompts:
+            t0 = time.perf_counter()
+            screen_messages(model, [{"role": "user", "content": p}])
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def _time_forward(llm, prompts: list[str]) -> list[float]:
+    out = []
+    for p in prompts:
+        toks = llm.tokenize(p.encode("utf-8"))[: llm.n_ctx() - 1]
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(toks)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="passes over the prompt sets for the screen")
+    parser.add_argument("--baseline-prompts", type=int, default=12, help="prompts per size for the llama.cpp baseline")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from llama_cpp import Llama
+
+    from runtime.models import default_model
+
+    base = default_model()
+    llm = Llama(model_path=str(base.path), n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+    rows = load_heldout()
+    sizes = {"chat": [], "long": []}
+    for r in rows:
+        n = _tokens(llm, r["prompt"])
+        if n < 128 and r["set"] in ("direct", "benign", "xstest_safe"):
+            sizes["chat"].append(r["prompt"])
+        elif n >= 1000:
+            sizes["long"].append(r["prompt"])
+    model = load_model()
+    screen_messages(model, [{"role": "user", "content": "warm up"}])
+    results: dict[str, dict] = {}
+    cpus = sorted(os.sched_getaffinity(0))
+    for size, prompts in sizes.items():
+        if not prompts:
+            continue
+        res: dict[str, dict] = {}
+        for ncpu in (1, 2):
+            os.sched_setaffinity(0, cpus[:ncpu])
+            res[f"screen_{ncpu}cpu"] = _pct(_time_screen(model, prompts, args.runs))
+        os.sched_setaffinity(0, cpus[:2])
+        sample = prompts[: args.baseline_prompts]
+        base_t = _time_forward(llm, sample)
+        ours_t = _time_screen(model, sample, 1)
+        res["llama_forward_2threads"] = _pct(base_t)
+        res["ratio_forward_over_screen_median"] = statistics.median(base_t) / statistics.median(ours_t)
+        res["median_tokens"] = float(np.median([_tokens(llm, p) for p in prompts]))
+        results[size] = res
+    os.sched_setaffinity(0, cpus)
+    answer = " ".join(["Here is a simple plan for your week: start each morning with a short walk, then work on the"
+                       " most important task first."] * 12)
+    out_t = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        screen_text_output(model, answer)
+        out_t.append(time.perf_counter() - t0)
+    results["output_256_tokens"] = {**_pct(out_t), "tokens": _tokens(llm, answer)}
+
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        print(f"guard screen latency (held-out prompts; baseline = one llama.cpp forward pass of {base.name}, 2 threads)")
+        for size in ("chat", "long"):
+            if size not in results:
+                continue
+            r = results[size]
+            print(f"  {size:5s} ({r['screen_1cpu']['n'] // args.runs} prompts, median {r['median_tokens']:.0f} tokens): "
+                  f"1 cpu p50 {r['screen_1cpu']['p50_ms']:.2f} ms p99 {r['screen_1cpu']['p99_ms']:.2f} ms | "
+                  f"2 cpus p50 {r['screen_2cpu']['p50_ms']:.2f} ms p99 {r['screen_2cpu']['p99_ms']:.2f} ms | "
+                  f"forward p50 {r['llama_forward_2threads']['p50_ms']:.1f} ms -> "
+                  f"{r['ratio_forward_over_screen_median']:.0f}x faster")
+        o = results["output_256_tokens"]
+        print(f"  output screen on a {o['tokens']}-token answer: p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms")
+    del llm
+
+    audit_bench = Path(__file__).resolve().parent / "guard_audit.py"
+    if audit_bench.exists():
+        spec = importlib.util.spec_from_file_location("bench_guard_audit", audit_bench)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module.main([])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
