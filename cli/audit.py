@@ -50,10 +50,11 @@ def _render(name: str, report: Any) -> None:
         )
     behaviour = report.details.get("behaviour")
     if behaviour:
+        n = behaviour["n"]
+        with_adapter = "not measured" if behaviour["adapter_refusals"] is None else f"{behaviour['adapter_refusals']}/{n}"
         out.print(Text(
-            f"behaviour ({behaviour['status']}): refusals base {behaviour['base_refusals']}/{behaviour['n']}, "
-            f"with adapter {behaviour['adapter_refusals']}/{behaviour['n']}; first-token KL mean "
-            f"{behaviour['kl_mean']:.3f}, max {behaviour['kl_max']:.3f} nats"
+            f"behaviour ({behaviour['status']}): refusals base {behaviour['base_refusals']}/{n}, with adapter "
+            f"{with_adapter}; first-token KL mean {behaviour['kl_mean']:.3f}, max {behaviour['kl_max']:.3f} nats"
         ))
     if "seconds" in report.details:
         out.print(Text(f"audit took {report.details['seconds'] * 1000:.0f} ms", style="dim"))

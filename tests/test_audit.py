@@ -255,8 +255,11 @@ def test_verdicts_are_cached_under_a_keyring_mac(vault_with_adapters, base_model
     cache.write_text(json.dumps(raw))
     edited = _audit(vault, "evil", base_model)
     assert edited.verdict == "reject" and not edited.cached
-    # a cache MACed under another key is not trusted either
+    # a cache MACed under another key is not trusted either (a new process reads the new key)
+    from runtime.guard import audit as audit_mod
+
     vault.keys.set(MAC_KEY_NAME, "00" * 32)
+    audit_mod._MAC_KEYS.clear()
     assert not _audit(vault, "evil", base_model).cached
 
 
@@ -295,6 +298,7 @@ def test_behavioural_check_is_uninformative_on_a_base_that_complies(vault_with_a
         report = _audit(vault_with_adapters, "evil", base_model, engine=engine)
         behaviour = report.details["behaviour"]
         assert behaviour["status"] == "uninformative" and behaviour["base_refusals"] < 3
+        assert behaviour["adapter_refusals"] is None  # not generated: it could not change the verdict
         assert any("uninformative" in r for r in report.reasons)
         assert report.verdict == "reject"          # the static check still decides
         assert behaviour["kl_mean"] > 0.0

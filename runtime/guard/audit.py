@@ -313,8 +313,8 @@ def behavioural_check(
     unloaded before returning. ``base_cache`` (a dict, filled on first use) keeps the base's answers and
     first-token log-probabilities so each later audit pays only for the adapter's side.
 
-    Returns: {"status": "informative" | "uninformative", "base_refusals", "adapter_refusals", "n",
-              "kl_mean", "kl_max", "seconds"}.
+    Returns: {"status": "informative" | "uninformative", "base_refusals", "adapter_refusals" (None when
+              uninformative: not generated), "n", "kl_mean", "kl_max", "seconds"}.
     """
     from runtime import lora_gguf, memfd
 
@@ -333,17 +333,23 @@ def behavioural_check(
             engine.load_adapter(name, mem.path)
     finally:
         memfd.zero(buf)
-    try:
-        texts, lps = _responses(engine, name, max_tokens)
-    finally:
-        engine.unload_adapter(name)
     from runtime.guard.refusal_markers import is_refusal
 
     base_ref = sum(is_refusal(t) for t in base_texts)
-    ad_ref = sum(is_refusal(t) for t in texts)
+    informative = base_ref >= MIN_BASE_REFUSALS
+    try:
+        # Without base refusals to lose, the adapter's answers cannot change the verdict: only its
+        # first-token distribution is measured (one prompt evaluation per prompt, no generation).
+        if informative:
+            texts, lps = _responses(engine, name, max_tokens)
+        else:
+            texts, lps = None, [engine.first_token_logprobs(_messages(p), adapter=name) for p in BEHAVIOUR_PROMPTS]
+    finally:
+        engine.unload_adapter(name)
+    ad_ref = sum(is_refusal(t) for t in texts) if texts is not None else None
     kls = [_kl(p, q) for p, q in zip(base_lp, lps)]
     return {
-        "status": "informative" if base_ref >= MIN_BASE_REFUSALS else "uninformative",
+        "status": "informative" if informative else "uninformative",
         "n": len(BEHAVIOUR_PROMPTS),
         "base_refusals": base_ref,
         "adapter_refusals": ad_ref,
@@ -431,6 +437,9 @@ def adapter_digest(tensors: Mapping[str, np.ndarray], peft_config: Mapping[str, 
     return h.hexdigest()
 
 
+_MAC_KEYS: dict[str, bytes] = {}
+
+
 class AuditCache:
     """Verdicts and owner overrides in one JSON file under an HMAC-SHA-256 keyed from the keyring.
 
@@ -447,11 +456,16 @@ class AuditCache:
     @property
     def key(self) -> bytes:
         if self._key is None:
-            value = self._keys.get(MAC_KEY_NAME)
-            if not value:
-                value = secrets.token_hex(32)
-                self._keys.set(MAC_KEY_NAME, value)
-            self._key = bytes.fromhex(value)
+            # One Secret Service round trip costs ~20 ms (a fresh DH session per lookup), as much as the
+            # whole cached audit may take, so the key is kept in this process's memory once read.
+            ident = str(getattr(self._keys, "service", id(self._keys)))
+            if ident not in _MAC_KEYS:
+                value = self._keys.get(MAC_KEY_NAME)
+                if not value:
+                    value = secrets.token_hex(32)
+                    self._keys.set(MAC_KEY_NAME, value)
+                _MAC_KEYS[ident] = bytes.fromhex(value)
+            self._key = _MAC_KEYS[ident]
         return self._key
 
     def _mac(self, body: bytes) -> str:
