@@ -84,21 +84,26 @@ class SecretService:
         return self
 
     def _wait_ready(self) -> None:
-        """Wait until the secrets component answers on the bus."""
+        """Wait until OUR gnome-keyring owns the secrets name and its login collection is unlocked.
+
+        Nothing may talk to org.freedesktop.secrets before our daemon owns the name: the session
+        bus would D-Bus-activate a second gnome-keyring from its service file, with the bus's own
+        environment (HOME=/root), which then owns the name with no login keyring and no password,
+        and every later call fails (secretstorage's check_service_availability() does not help:
+        it is also true when the name is merely activatable). Seen when starting several services.
+        """
         import secretstorage
+        from jeepney import DBusAddress, new_method_call
         from jeepney.io.blocking import open_dbus_connection
 
+        bus = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus", interface="org.freedesktop.DBus")
         deadline = time.monotonic() + 15
         while True:
             try:
                 conn = open_dbus_connection(bus=self.address)
                 try:
-                    secretstorage.check_service_availability(conn)  # type: ignore[arg-type]
-                    # Never call get_default_collection() before the daemon has created "login":
-                    # it would try to *create* the collection, the prompt is dismissed (no UI), and
-                    # the daemon stays unusable. Seen when a test starts several services quickly.
-                    if any(c.collection_path.endswith("/collection/login")
-                           for c in secretstorage.get_all_collections(conn)):
+                    owned = conn.send_and_get_reply(new_method_call(bus, "NameHasOwner", "s", ("org.freedesktop.secrets",)))
+                    if owned.body[0]:
                         col = secretstorage.Collection(conn)  # the "default" alias; raises if not set yet
                         if not col.is_locked():
                             return
@@ -107,6 +112,8 @@ class SecretService:
             except Exception:  # noqa: BLE001 - retried until the deadline
                 if time.monotonic() > deadline:
                     raise
+            if time.monotonic() > deadline:
+                raise RuntimeError("gnome-keyring did not become ready within 15 s")
             time.sleep(0.1)
 
     def stop(self) -> None:
