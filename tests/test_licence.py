@@ -15,6 +15,7 @@ from vault.licence import (
     Licence,
     derive,
     enforce,
+    enforcing,
     format_time,
     parse_expiry,
     parse_licence,
@@ -200,3 +201,26 @@ def test_parse_expiry_forms():
         parse_expiry("2020-01-01", now=T0)
     with pytest.raises(LicenceError, match="cannot read expiry"):
         parse_expiry("next tuesday", now=T0)
+
+
+def test_enforcing_rechecks_expiry_on_every_call():
+    """A serve session that outlives the licence: the next request for that adapter is refused."""
+    lic = make(uses=("chat", "serve"))
+    clock = [T0]
+    calls = []
+
+    def respond(messages, *, adapter=None, max_tokens=16):
+        calls.append((adapter, max_tokens))
+        return "ok"
+
+    wrapped = enforcing(respond, {"alice-voice": lic.to_dict()}, "serve", clock=lambda: clock[0])
+    assert wrapped(["hi"], adapter="alice-voice", max_tokens=3) == "ok"
+    assert wrapped(["hi"], adapter=None) == "ok"  # the base model is not licensed
+    clock[0] = lic.expires
+    with pytest.raises(LicenceError, match="expired"):
+        wrapped(["hi"], adapter="alice-voice")
+    assert wrapped(["hi"], adapter="own-adapter") == "ok"
+    assert calls == [("alice-voice", 3), (None, 16), ("own-adapter", 16)]
+    chat_only = make(uses=("chat",))
+    with pytest.raises(LicenceError, match="does not permit 'serve'"):
+        enforcing(respond, {"a": chat_only}, "serve", clock=lambda: T0)([], adapter="a")

@@ -412,11 +412,9 @@ def write_bundle(
 def _recovery_recipient(vault: Any):
     from vault import age
 
-    text = getattr(vault, "recovery_recipient", None)
-    if callable(text):
-        text = text()
+    text = getattr(vault, "config", {}).get("recovery_recipient")
     if not text:
-        raise UsageError("this vault does not record a recovery recipient; export without --include-recovery")
+        raise UsageError("this vault records no recovery recipient; export without --include-recovery")
     return age.X25519Recipient.from_string(text)
 
 

@@ -21,7 +21,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from vault.errors import LicenceError
 
@@ -38,6 +38,7 @@ __all__ = [
     "licence_of",
     "enforce",
     "derive",
+    "enforcing",
 ]
 
 FORMAT = "vault-licence/1"
@@ -445,3 +446,27 @@ def derive(
         expires = parent.expires
     return wanted, expires, guard_required or parent.guard_required
 
+
+
+def enforcing(
+    fn: Callable[..., Any],
+    licensed: Mapping[str, Any],
+    use: str,
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+) -> Callable[..., Any]:
+    """Wrap ``fn(*args, adapter=NAME, **kw)`` so that every call first enforces NAME's licence.
+
+    This is how a long-running ``serve`` re-checks expiry: the licences are captured once at start
+    (``{name: entry}``) and checked against ``clock()`` on every request, so a licence that expires
+    while the server runs stops the next request for that adapter (LicenceError) without a restart.
+    """
+    if use not in USES:
+        raise ValueError(f"unknown use {use!r}; expected one of {USES}")
+
+    def wrapped(*args: Any, adapter: str | None = None, **kwargs: Any) -> Any:
+        if adapter is not None and adapter in licensed:
+            enforce(licensed[adapter], use, now=clock())
+        return fn(*args, adapter=adapter, **kwargs)
+
+    return wrapped
