@@ -250,10 +250,13 @@ def _interactive(session: _Session, name: str | None, system: str | None, max_to
                 err_console().print(f"[red]error:[/] {exc.message}")
             continue
         out.print("[bold cyan]model>[/] ", end="")
-        for chunk in chat.send(line):
-            if chunk.replace:
-                out.print()
-            out.print(chunk.text, end="", markup=False, highlight=False)
+        try:
+            for chunk in chat.send(line):
+                if chunk.replace:
+                    out.print()
+                out.print(chunk.text, end="", markup=False, highlight=False)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer (it is not kept in the history), not the chat
+            out.print(" [dim][stopped][/]", end="")
         out.print()
         if chat.last and chat.last.finish_reason == "content_filter":
             err_console().print("[yellow]the guard stopped this answer[/]")

@@ -12,7 +12,6 @@ closed to others), and ``mlock`` on the plaintext buffers so they are not swappe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import resource
@@ -27,7 +26,7 @@ _MCL_CURRENT = 1
 _MCL_FUTURE = 2
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc; find_library would spawn ldconfig
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]

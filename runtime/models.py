@@ -17,10 +17,12 @@ import importlib.util
 import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 from vault.errors import BaseModelError, UsageError
 from vault.paths import vault_home
@@ -222,19 +224,61 @@ class HardwareFit:
         return dict(self.__dict__)
 
 
-def _arch_numbers(path: Path) -> dict[str, int]:
-    import gguf
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_MAX_KV = 1 << 16
 
-    reader = gguf.GGUFReader(path)
-    arch_field = reader.fields.get("general.architecture")
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else "llama"
+
+def _arch_numbers(path: Path) -> dict[str, int]:
+    """The architecture numbers hardware_fit needs, read straight from the GGUF header.
+
+    ``gguf.GGUFReader`` parses every field (tens of thousands of tokenizer strings: seconds); this
+    reads key/value pairs in order, skips arrays without decoding them, and stops once it has the keys.
+    """
+    wanted = ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv", "context_length")
     out: dict[str, int] = {}
-    for key in ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
-                "context_length"):
-        field = reader.fields.get(f"{arch}.{key}")
-        if field is not None:
-            out[key] = int(field.parts[field.data[0]][0])
+    arch = "llama"
+    with path.open("rb") as fh:
+        magic, version, _n_tensors, n_kv = struct.unpack("<IIQQ", fh.read(24))
+        if magic != 0x46554747 or version < 2 or n_kv > _MAX_KV:
+            raise ValueError("not a GGUF v2+ file")
+        for _ in range(n_kv):
+            key = _read_str(fh)
+            vtype = struct.unpack("<I", fh.read(4))[0]
+            value = _read_value(fh, vtype)
+            if key == "general.architecture" and isinstance(value, str):
+                arch = value
+            elif key.startswith(arch + ".") and key[len(arch) + 1:] in wanted and isinstance(value, (int, float)):
+                out[key[len(arch) + 1:]] = int(value)
+            if len(out) == len(wanted):
+                break
     return out
+
+
+def _read_str(fh: BinaryIO) -> str:
+    (n,) = struct.unpack("<Q", fh.read(8))
+    if n > 1 << 24:
+        raise ValueError("GGUF string too long")
+    return fh.read(n).decode("utf-8", "replace")
+
+
+def _read_value(fh: BinaryIO, vtype: int) -> object:
+    if vtype in _GGUF_SCALARS:
+        fmt = _GGUF_SCALARS[vtype]
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+    if vtype == 8:
+        return _read_str(fh)
+    if vtype == 9:
+        itype, count = struct.unpack("<IQ", fh.read(12))
+        if itype in _GGUF_SCALARS:
+            fh.seek(count * struct.calcsize(_GGUF_SCALARS[itype]), 1)
+        elif itype == 8:
+            for _ in range(count):
+                (n,) = struct.unpack("<Q", fh.read(8))
+                fh.seek(n, 1)
+        else:
+            raise ValueError(f"unsupported GGUF array type {itype}")
+        return None
+    raise ValueError(f"unsupported GGUF value type {vtype}")
 
 
 def physical_cores() -> int:
