@@ -77,7 +77,8 @@ def init_cmd(recovery_file: Path | None) -> None:
             out.print(Panel(recovery, title="could not write the recovery file: WRITE THIS KEY DOWN NOW", expand=False))
             raise
         out.print(
-            f"Recovery key written to [bold]{escape(str(recovery_file))}[/], encrypted with your passphrase (age scrypt).\n"
+            f"Recovery key written to [bold]{escape(str(recovery_file))}[/], "
+            "encrypted with your passphrase (age scrypt).\n"
             "Keep a copy OFF this machine. `age -d` with the passphrase reveals it."
         )
         return
@@ -210,7 +211,9 @@ def recover_cmd(recovery_file: Path | None) -> None:
         try:
             plaintext = age.decrypt(sealed, [age.ScryptIdentity(_passphrase(confirm=False))])
         except NoIdentityError:
-            raise NoIdentityError(f"wrong passphrase for {recovery_file} (or not a passphrase-encrypted file)") from None
+            raise NoIdentityError(
+                f"wrong passphrase for {recovery_file} (or not a passphrase-encrypted file)"
+            ) from None
         key = plaintext.decode("ascii", "replace").strip()
         plaintext[:] = bytes(len(plaintext))
     elif sys.stdin.isatty():
@@ -220,7 +223,8 @@ def recover_cmd(recovery_file: Path | None) -> None:
     with progress_bar("recovering") as progress:
         vault = Vault.recover(key, progress=progress)
     console().print(
-        f"Recovered the vault at {escape(str(vault.home))}: {len(vault.entries())} adapters, new device key in this keyring."
+        f"Recovered the vault at {escape(str(vault.home))}: {len(vault.entries())} adapters, "
+        "new device key in this keyring."
     )
 
 
@@ -237,7 +241,8 @@ def doctor_cmd(as_json: bool, fix: bool) -> None:
     if as_json:
         print_json([c.to_dict() for c in checks])
     else:
-        print_table(["check", "status", "detail"], [(c.name, Text.from_markup(_CHECK_MARK[c.status]), c.detail) for c in checks])
+        rows = [(c.name, Text.from_markup(_CHECK_MARK[c.status]), c.detail) for c in checks]
+        print_table(["check", "status", "detail"], rows)
     if any(c.status == "fail" for c in checks):
         sys.exit(1)  # not ctx.exit: cli.main runs click with standalone_mode=False, which drops Exit codes
 

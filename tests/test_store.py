@@ -15,6 +15,7 @@ import safetensors.numpy
 
 from fixtures_adapters import lora_tensors, make_peft_adapter
 from vault import age
+from vault.adapter import read_adapter
 from vault.errors import (
     AlreadyExistsError,
     AlreadyInitializedError,
@@ -130,7 +131,7 @@ def test_swapped_object_is_detected_by_the_index_digest(vault, adapter_dir: Path
     v, _ = vault
     v.add("a", adapter_dir, base_sha256=SHA)
     other = make_peft_adapter(tmp_path / "evil", layers=range(4), seed=99)
-    forged_blob = __import__("vault.adapter", fromlist=["read_adapter"]).read_adapter(other, base_sha256=SHA).blob
+    forged_blob = read_adapter(other, base_sha256=SHA).blob
     recipients = [age.X25519Recipient.from_string(v.config[k]) for k in ("device_recipient", "recovery_recipient")]
     v.object_path("a").write_bytes(age.encrypt(forged_blob, recipients))
     with pytest.raises(IntegrityError, match="not the one the index names"):

@@ -36,7 +36,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -332,7 +332,9 @@ class Vault:
         _report(progress, "validate", 0, 1)
         adapter = read_adapter(path, base_name=base_name, base_sha256=base_sha256)
         _report(progress, "validate", 1, 1)
-        entry = self._put(name, adapter.blob, adapter.meta, source="local", licence=None, force=force, progress=progress)
+        entry = self._put(
+            name, adapter.blob, adapter.meta, source="local", licence=None, force=force, progress=progress
+        )
         if remove_source:
             _remove_source(Path(path))
         return entry
@@ -511,7 +513,8 @@ class Vault:
 
     def _check_device_key(self, body: dict[str, Any], identities: list[age.X25519Identity]) -> Check:
         if self.keys.get(DEVICE_IDENTITY_NEXT):
-            return Check("device-key", "warn", "a key rotation or recovery was interrupted; run 'vault rotate' to finish it")
+            detail = "a key rotation or recovery was interrupted; run 'vault rotate' to finish it"
+            return Check("device-key", "warn", detail)
         current = [i for i in identities if i.recipient.to_string() == body["device_recipient"]]
         if not current:
             return Check("device-key", "fail", "the keyring's device key is not the one the index names")
