@@ -311,3 +311,14 @@ def test_disk_full_leaves_the_vault_unchanged(keyring_env, tmp_path: Path) -> No
         assert all(c.status == "ok" for c in fresh.doctor())
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_long_lived_vault_follows_a_rotation_by_another_process(vault, adapter_dir: Path) -> None:
+    """`vault serve` keeps a Vault open while `vault rotate` runs elsewhere: it must re-read the keyring."""
+    v, _ = vault
+    v.add("a", adapter_dir, base_sha256=SHA)
+    long_lived = Vault()
+    assert len(long_lived.open("a")) == v.get("a").size  # caches the old device key
+    Vault().rotate()
+    assert len(long_lived.open("a")) == v.get("a").size
+    assert [e.name for e in long_lived.entries()] == ["a"]

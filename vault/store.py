@@ -607,6 +607,16 @@ class Vault:
             self._identity_cache = identities
         return self._identity_cache
 
+    def _fresh_keys(self, fn: Callable[[list[age.X25519Identity]], Any]) -> Any:
+        """Run ``fn(identities)``; if nothing unwraps, re-read the keyring once (another process may have rotated)."""
+        try:
+            return fn(self._identities())
+        except (NoIdentityError, IntegrityError):
+            if self._identity_cache is None:
+                raise
+            self._identity_cache = None
+            return fn(self._identities())
+
     def _index(self) -> dict[str, Any]:
         path = self.home / INDEX_FILE
         try:
@@ -615,7 +625,7 @@ class Vault:
             raise IntegrityError(f"the sealed index {path} is missing") from None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._index_cache is None or self._index_cache[0] != stamp:
-            body = _open_index(self.home, self._identities(), authenticate=self._identities())
+            body = self._fresh_keys(lambda ids: _open_index(self.home, ids, authenticate=ids))
             if body["vault_id"] != self.vault_id:
                 raise IntegrityError("the sealed index belongs to another vault")
             self._index_cache = (stamp, body)
@@ -678,7 +688,7 @@ class Vault:
         path = self.home / OBJECTS_DIR / object_name
         if not path.is_file():
             raise IntegrityError(f"the sealed file of {what} is missing")
-        plaintext = age.decrypt_file(path, self._identities())
+        plaintext = self._fresh_keys(lambda ids: age.decrypt_file(path, ids))
         if len(plaintext) != size or not hmac.compare_digest(hashlib.sha256(plaintext).hexdigest(), sha256):
             plaintext[:] = bytes(len(plaintext))
             raise IntegrityError(f"the sealed file of {what} is not the one the index names")
