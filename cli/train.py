@@ -134,7 +134,8 @@ def _report_dpo(result: Any, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Estimate time and memory, then stop.")
 @click.option("--force", is_flag=True, help="Replace an existing adapter called NAME.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def train_cmd(name: str, data: tuple[Path, ...], base: str | None, rank: int, epochs: int | None, max_minutes: float | None,
+def train_cmd(name: str, data: tuple[Path, ...], base: str | None, rank: int, epochs: int | None,
+              max_minutes: float | None,
               max_steps: int | None, learning_rate: float | None, block_size: int, threads: int | None,
               checkpoint_every: float, resume: bool, preferences: bool, dry_run: bool, force: bool,
               as_json: bool) -> None:
@@ -175,7 +176,8 @@ def train_cmd(name: str, data: tuple[Path, ...], base: str | None, rank: int, ep
         return
     if not data:
         raise UsageError("give your writing with --data PATH (files or folders), or use --preferences")
-    config = TrainConfig(rank=rank, alpha=2 * rank, epochs=epochs or TrainConfig.epochs, block_size=block_size, max_minutes=max_minutes,
+    config = TrainConfig(rank=rank, alpha=2 * rank, epochs=epochs or TrainConfig.epochs, block_size=block_size,
+                         max_minutes=max_minutes,
                          max_steps=max_steps, threads=threads, checkpoint_every_s=checkpoint_every,
                          learning_rate=learning_rate or TrainConfig.learning_rate)
     config.validate()

@@ -121,7 +121,8 @@ def _parse_pair(raw: bytes | bytearray) -> Pair | None:
                 and isinstance(m.get("content"), str)):
             return None
         clean.append({"role": m["role"], "content": m["content"]})
-    if not clean or chosen == rejected or sum(len(m["content"]) for m in clean) + len(chosen) + len(rejected) > MAX_PAIR_CHARS:
+    size = sum(len(m["content"]) for m in clean) + len(chosen) + len(rejected)
+    if not clean or chosen == rejected or size > MAX_PAIR_CHARS:
         return None
     return Pair(tuple(clean), chosen, rejected)
 
@@ -251,10 +252,9 @@ def train_preferences(vault: Any, name: str, config: DpoConfig = DpoConfig(), *,
         AuditRejectedError: the guard rejected the tuned adapter.
     """
     require_torch()
+    from runtime.memfd import harden
     from vault.adapter import load_blob
     from vault.errors import BaseModelError
-
-    from runtime.memfd import harden
 
     config.validate()
     harden()  # no core dump and no same-uid ptrace while pairs and weights are in memory

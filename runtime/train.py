@@ -27,7 +27,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -35,9 +35,6 @@ from runtime.models import BaseModel, resolve
 from runtime.train_data import IGNORE, Corpus, Example, build_examples, read_corpus, split_examples
 from vault.errors import TrainingError, VaultError
 from vault.paths import vault_home
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = [
     "TrainConfig",
@@ -80,6 +77,7 @@ class TrainConfig:
     learning_rate: float = 4e-4
     block_size: int = 256
     batch_size: int = 4
+    micro_batch: int = 1  # sequences per forward/backward; gradients are accumulated up to batch_size
     heldout: float = 0.1
     seed: int = 0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
@@ -101,6 +99,8 @@ class TrainConfig:
             raise TrainingError("block size must be between 32 and 4096 tokens")
         if not 1 <= self.batch_size <= 256:
             raise TrainingError("batch size must be between 1 and 256")
+        if not 1 <= self.micro_batch <= self.batch_size:
+            raise TrainingError("micro-batch must be between 1 and the batch size")
         if not 0.0 <= self.heldout < 0.5:
             raise TrainingError("held-out fraction must be in [0, 0.5)")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -342,7 +342,22 @@ def _token_nll(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
     return nll, int((shift_labels != IGNORE).sum())
 
 
-def perplexity(model: Any, examples: Sequence[Example], pad_id: int, *, batch_size: int = 4) -> float | None:
+def _accumulate(model: Any, chunk: Sequence[Example], pad_id: int, micro: int) -> tuple[float, int]:
+    """Backward over ``chunk`` in micro-batches (activations of ``micro`` sequences at a time).
+
+    Gradients equal those of the whole batch: every micro-batch's summed NLL is divided by the
+    batch's total number of target tokens. Returns (mean loss, tokens processed).
+    """
+    n_total = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in chunk)
+    total_nll = 0.0
+    for i in range(0, len(chunk), micro):
+        nll, _ = _token_nll(model, _batch(chunk[i : i + micro], pad_id))
+        (nll / max(1, n_total)).backward()
+        total_nll += float(nll.detach())
+    return total_nll / max(1, n_total), sum(len(e.input_ids) for e in chunk)
+
+
+def perplexity(model: Any, examples: Sequence[Example], pad_id: int, *, batch_size: int = 1) -> float | None:
     """exp(mean token NLL) over ``examples``; None when there is nothing to measure."""
     import torch
 
@@ -434,7 +449,7 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _sample(model: Any, tokenizer: Any, held: Sequence[Example], corpus: Corpus, n_tokens: int) -> tuple[str, list[int]]:
+def _sample(tokenizer: Any, held: Sequence[Example], corpus: Corpus) -> tuple[str, list[int]]:
     """A prompt in the user's own style: the start of a held-out block, or a held-out chat prompt."""
     if corpus.texts:
         source = held[0] if held else None
@@ -470,7 +485,7 @@ def estimate(paths: Sequence[Path | str], config: TrainConfig = TrainConfig(), *
     import psutil
 
     config.validate()
-    model = resolve(base, cache_dir=vault_home())
+    model = resolve(base)  # no digest cache: a dry run writes nothing at all
     corpus = read_corpus(paths)
     tokenizer = load_tokenizer(model)
     examples = build_examples(corpus, tokenizer, block_size=config.block_size)
@@ -585,7 +600,7 @@ def train(
 
     model.train()
     deadline = started + config.max_minutes * 60 if config.max_minutes else None
-    last_ckpt, window_t, window_tokens, ema = clock(), clock(), 0, None
+    last_ckpt, ema = clock(), None
     run_t0, run_tokens = clock(), 0
     stopped_early = False
     while step < total:
@@ -595,20 +610,14 @@ def train(
         epoch, within = divmod(step, steps_per_epoch)
         order = _order(len(train_ex), epoch, config.seed)
         chunk = [train_ex[i] for i in order[within * config.batch_size : (within + 1) * config.batch_size]]
-        batch = _batch(chunk, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, total, config.learning_rate)
-        nll, n = _token_nll(model, batch)
-        loss = nll / max(1, n)
-        loss.backward()
+        value, tokens = _accumulate(model, chunk, pad_id, config.micro_batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens = int(batch["attention_mask"].sum())
-        window_tokens += tokens
         run_tokens += tokens
-        value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingError(f"training diverged at step {step} (loss is {value}); try a lower learning rate")
         ema = value if ema is None else 0.9 * ema + 0.1 * value
@@ -627,7 +636,7 @@ def train(
         _emit(progress, TrainEvent("eval", step=step, total=total, message="held-out perplexity of the adapter"))
         ppl_adapter = perplexity(model, held, pad_id)
     _emit(progress, TrainEvent("sample", step=step, total=total, message="drawing a sample"))
-    prompt, ids = _sample(model, tokenizer, held, corpus, config.sample_tokens)
+    prompt, ids = _sample(tokenizer, held, corpus)
     sample_adapter = _generate(model, tokenizer, ids, config.sample_tokens)
     with model.disable_adapter():
         sample_base = _generate(model, tokenizer, ids, config.sample_tokens)
@@ -650,11 +659,14 @@ def train(
     )
 
 
-def audit_new_adapter(vault: Any, name: str, base: BaseModel, progress: Progress | None = None) -> dict[str, Any] | None:
+def audit_new_adapter(
+    vault: Any, name: str, base: BaseModel, progress: Progress | None = None
+) -> dict[str, Any] | None:
     """Have the guard audit a freshly sealed adapter before anything uses it.
 
-    The report is recorded on the vault entry (``audit``). Returns it as JSON, or None when this
-    install has no real guard yet (the runtime's loader then audits before the first load).
+    The guard records its verdict on the vault entry (``audit``) and in its MACed cache, so the
+    loader's audit before the first load is a cache hit. Returns the report as JSON, or None when
+    this install has no real guard (the runtime's loader then audits before the first load).
 
     Raises:
         AuditRejectedError: the audit rejected the adapter; it stays sealed, marked rejected, and is never loaded.
@@ -675,8 +687,7 @@ def audit_new_adapter(vault: Any, name: str, base: BaseModel, progress: Progress
         del tensors
     finally:
         blob[:] = bytes(len(blob))
-    verdict = report.to_json()
-    vault.update_entry(name, audit=verdict)
+    verdict = report.to_json()  # the guard records its verdict on the vault entry itself
     if report.verdict == "reject":
         raise AuditRejectedError(f"the adapter audit rejected {name!r}: {'; '.join(report.reasons) or 'no reason'}")
     return verdict

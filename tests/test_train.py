@@ -131,17 +131,17 @@ def test_dpo_loss_matches_the_formula() -> None:
 
 
 def _corpus(tmp_path: Path, canary: str) -> Path:
-    """About 5 KB of one person's notes, with a canary that must never reach the disk in plaintext."""
+    """About 3 KB of one person's notes, with a canary that must never reach the disk in plaintext."""
     folder = tmp_path / "my-writing"
     folder.mkdir()
     days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
     lines = []
-    for i in range(56):
+    for i in range(28):
         day = days[i % 7]
         lines.append(f"{day}, entry {i}. Walked the dog to the old mill again; the heron was back on the weir. "
                      f"Tea, then the garden: beans up, slugs worse. Note to self: {canary} stays private.\n")
-    (folder / "journal.md").write_text("".join(lines[:28]))
-    (folder / "more.txt").write_text("".join(lines[28:]))
+    (folder / "journal.md").write_text("".join(lines[:14]))
+    (folder / "more.txt").write_text("".join(lines[14:]))
     chats = [{"messages": [{"role": "user", "content": f"How was {d}?"},
                            {"role": "assistant", "content": f"{d} was quiet: the mill, the heron, tea."}]}
              for d in days]
@@ -205,16 +205,16 @@ def test_train_interrupt_resume_seal_load_with_no_plaintext_on_disk(
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(REPO), TMPDIR=str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     args = ["me", "--data", str(data), "--block-size", "64", "--epochs", "3", "--rank", "4",
-            "--checkpoint-every", "0", "--threads", "2", "--json"]
+            "--checkpoint-every", "0", "--json"]
 
-    # Run 1: SIGKILL the training process once it has sealed a checkpoint past step 2.
+    # Run 1: SIGKILL the training process once it has sealed a checkpoint at step 2 or later.
     proc = _traced_train(args, env, tmp_path / "trace1.log", work)
     killed_after = None
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             step = _checkpoint_step(isolated_home)
-            if step is not None and step >= 3:
+            if step is not None and step >= 2:
                 import psutil
 
                 for child in psutil.Process(proc.pid).children(recursive=True):
@@ -231,7 +231,7 @@ def test_train_interrupt_resume_seal_load_with_no_plaintext_on_disk(
 
     # Run 2: resumes from the sealed checkpoint and finishes.
     proc = _traced_train(args, env, tmp_path / "trace2.log", work)
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=1200)
     assert proc.returncode == 0, stderr[-3000:]
     result = json.loads(stdout)
     assert result["resumed_from"] == resumable
@@ -293,7 +293,8 @@ def _fresh_adapter_blob(rank: int = 8) -> bytes:
     for layer in range(_LAYERS):
         for module, out in (("q_proj", _Q_OUT), ("v_proj", _V_OUT)):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, _Q_IN)) / np.sqrt(_Q_IN)).astype(np.float32)
+            a = rng.standard_normal((rank, _Q_IN)) / np.sqrt(_Q_IN)
+            tensors[f"{prefix}.lora_A.weight"] = a.astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = np.zeros((out, rank), dtype=np.float32)
     base = default_model()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
@@ -359,3 +360,21 @@ def test_chat_examples_train_only_on_assistant_tokens(tmp_path: Path) -> None:
     train, held = split_examples(examples, heldout=0.2, seed=1)
     assert len(held) == round(len(examples) * 0.2) and len(train) + len(held) == len(examples)
     assert split_examples(examples, heldout=0.2, seed=1) == (train, held)
+
+
+@pytest.mark.slow
+@pytest.mark.train
+def test_dry_run_estimates_without_training(tmp_path: Path, isolated_home: Path) -> None:
+    _need_torch()
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    data = _corpus(tmp_path, "CANARY-dry")
+    result = CliRunner().invoke(cli, ["train", "me", "--data", str(data), "--block-size", "64", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.output)
+    assert est["files"] == 3 and est["train_examples"] + est["heldout_examples"] == est["examples"]
+    assert est["steps"] == -(-est["train_examples"] // 4)
+    assert est["seconds"] > 0 and 0 < est["peak_rss_bytes"] < 4e9
+    assert not isolated_home.exists()  # nothing was written, not even a vault
