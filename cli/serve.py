@@ -114,6 +114,7 @@ def _serve(vault: Any, token: str, names: tuple[str, ...], *, host: str, port: i
     from runtime import loader
     from runtime.chat import respond
     from runtime.server import ChatServer, ServerLimits
+    from vault.licence import enforcing
 
     err = err_console()
 
@@ -122,17 +123,20 @@ def _serve(vault: Any, token: str, names: tuple[str, ...], *, host: str, port: i
 
     engine = loader.open_engine(base, progress=status, **({"n_threads": threads} if threads else {}))
     try:
-        guard = loader.default_guard(vault)
+        guard = loader.default_guard(vault, engine=engine)  # the engine enables the behavioural audit
         if loader.guard_is_passthrough():
             err.print("[yellow]NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): "
                       "nothing is screened.[/]")
         if engine.base.name in names:
             raise UsageError(f"an adapter may not be called {engine.base.name!r}: that name selects the base model")
         for name in names:
-            report = loader.attach(engine, vault, name, guard=guard, progress=status)
+            report = loader.attach(engine, vault, name, guard=guard, progress=status, use="serve")
             status(f"adapter {name} loaded from memory in {report.seconds:.2f} s (audit: {report.audit.verdict})")
+        # licensed adapters: the licence is re-checked (expiry, 'serve') on every request, not only at load
+        licensed = {name: entry for name in names if (entry := vault.get(name)).licence}
         server = ChatServer(
-            functools.partial(respond, engine, guard), base_name=engine.base.name, adapters=list(names),
+            enforcing(functools.partial(respond, engine, guard), licensed, "serve"),
+            base_name=engine.base.name, adapters=list(names),
             token=token, host=host, port=port,
             limits=ServerLimits(max_tokens_cap=max_tokens_cap, queue_size=queue_size), on_request=_log_line,
         )
