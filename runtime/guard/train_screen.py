@@ -289,6 +289,21 @@ def build_datasets(shared: Path, seed: int = SEED) -> tuple[list[Example], list[
                 pools[role].append(Example(_window(paragraphs["train"], ex.text, rng), label, ex.category, "window"))
     for _ in range(1500):
         pools["train"].append(Example(_window(paragraphs["train"], None, rng), 0, None, "window"))
+    # several requests in one prompt: one harmful request among benign ones is harmful. Teaches the
+    # model that benign words must not cancel harmful evidence (the dilution that hides buried requests).
+    for role, n_mix in (("train", 2500), ("dev", 200)):
+        harm, ok = direct(role, 1), direct(role, 0)
+        sentences = [t for p in paragraphs["train"] for t in re.split(r"(?<=[.!?])\s+", p)]
+        for i in range(2 * n_mix):
+            label = i % 2
+            parts = [rng.choice(ok).text if rng.random() < 0.6 else rng.choice(sentences) for _ in range(rng.randint(1, 3))]
+            cat = None
+            if label:
+                ex = rng.choice(harm)
+                parts.insert(rng.randint(0, len(parts)), ex.text)
+                cat = ex.category
+            sep = rng.choice([" ", "\n", " Also, ", ". Then: "])
+            pools[role].append(Example(sep.join(parts), label, cat, "mixed"))
     # ordinary prose the model has never seen must not look harmful: window-sized excerpts of the
     # docstrings of Python's own standard library (PSF licence), benign, technical, sometimes
     # near-boundary ("kill the child process", "attack surface")
