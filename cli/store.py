@@ -50,6 +50,23 @@ def _audit_text(audit: Any) -> str:
     return "not audited" if audit is None else str(audit)
 
 
+def _licence_text(licence: Any) -> str:
+    """'own' for a local adapter; for an imported one its permitted uses and expiry (see vault.licence)."""
+    if not licence:
+        return "own"
+    from vault.errors import LicenceError
+    from vault.licence import Licence, format_time
+
+    try:
+        lic = Licence.from_dict(licence)
+    except LicenceError:
+        return "licence damaged (every use refused)"
+    until = f"until {format_time(lic.expires)}" if lic.expires else "no expiry"
+    state = " EXPIRED" if lic.expired() else ""
+    guard = ", guard required" if lic.guard_required else ""
+    return f"{','.join(sorted(lic.uses))} {until}{state}{guard}"
+
+
 @click.command("init")
 @click.option(
     "--recovery-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -129,7 +146,7 @@ def add_cmd(name: str, path: Path, base: str | None, force: bool, remove_source:
 @click.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def list_cmd(as_json: bool) -> None:
-    """List the sealed adapters (name, base, rank, size, created, audit verdict)."""
+    """List the sealed adapters (name, base, rank, size, created, audit verdict, licence)."""
     entries = Vault().entries()
     if as_json:
         print_json([e.to_dict() for e in entries])
@@ -138,10 +155,10 @@ def list_cmd(as_json: bool) -> None:
         console().print("The vault is empty. Add an adapter with: vault add NAME PATH")
         return
     print_table(
-        ["name", "base", "r", "modules", "size", "created", "audit"],
+        ["name", "base", "r", "modules", "size", "created", "audit", "licence"],
         [
             (e.name, e.base_name, e.r, ",".join(e.target_modules), human_size(e.size), e.created,
-             _audit_text(e.audit))
+             _audit_text(e.audit), _licence_text(e.licence))
             for e in entries
         ],
     )
@@ -166,6 +183,11 @@ def show_cmd(name: str, as_json: bool) -> None:
     data["size"] = f"{human_size(data['size'])} ({data['size']} bytes)"
     data["target_modules"] = ", ".join(data["target_modules"])
     data["audit"] = _audit_text(data["audit"])
+    licence = data["licence"]
+    data["licence"] = _licence_text(licence)
+    if licence and isinstance(licence, dict):
+        data["licensor key"] = f"sha256:{licence.get('licensor', {}).get('signing_key', '?')}"
+        data["licence terms"] = licence.get("terms", "")
     print_table(["field", "value"], [(k, v) for k, v in data.items() if k != "object"], title=name)
 
 

@@ -250,16 +250,18 @@ def train_preferences(vault: Any, name: str, config: DpoConfig = DpoConfig(), *,
         TrainingError: no usable pairs, or the [train] extra is missing.
         BaseModelError: the adapter was made for another base than ``base``.
         AuditRejectedError: the guard rejected the tuned adapter.
+        LicenceError: ``name`` arrived under a licence that does not permit 'merge' (derived weights).
     """
     require_torch()
     from runtime.memfd import harden
     from vault.adapter import load_blob
     from vault.errors import BaseModelError
+    from vault.licence import enforce
 
     config.validate()
     harden()  # no core dump and no same-uid ptrace while pairs and weights are in memory
     started = clock()
-    vault.get(name)
+    enforce(vault.get(name), "merge")  # tuning a licensed adapter makes derived weights
     pairs = load_pairs(vault, name)
     if len(pairs) < 2:
         raise TrainingError(f"{len(pairs)} preference pair(s) recorded for {name!r}; record at least 2 with "

@@ -101,15 +101,24 @@ def open_engine(base: str | Path | None = None, *, progress: Progress | None = N
     return Engine(model, progress=progress, **kwargs)
 
 
-def attach(engine: Engine, vault: Any, name: str, *, guard: Guard, progress: Progress | None = None) -> AttachReport:
+def attach(engine: Engine, vault: Any, name: str, *, guard: Guard, progress: Progress | None = None,
+           use: str = "chat") -> AttachReport:
     """Decrypt adapter ``name`` from ``vault`` into memory and load it into ``engine`` under ``name``.
 
+    ``use`` is what the adapter is loaded for ("chat" for vault run, "serve" for vault serve): an
+    adapter received under licence is refused before decryption if its licence forbids that use, has
+    expired, or requires the guard while ``guard`` is the pass-through.
+
     Raises:
+        LicenceError: the adapter's licence forbids this load.
         UnknownNameError, NoIdentityError, IntegrityError: from the store.
         BaseModelError: the adapter was sealed for another base model.
         AuditRejectedError: the guard rejected the adapter.
         InvalidAdapterError, EngineError: conversion or llama.cpp refused it.
     """
+    from vault.licence import enforce
+
+    enforce(vault.get(name), use, guard_enabled=not isinstance(guard, PassThroughGuard))
     if progress:
         progress(f"decrypting {name} into memory")
     blob = vault.open(name)

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from vault.errors import EngineError, UsageError, VaultError
+from vault.errors import EngineError, LicenceError, UsageError, VaultError
 
 __all__ = [
     "ServerLimits",
@@ -324,6 +324,9 @@ class _Worker(threading.Thread):
         except EngineError as exc:
             # e.g. the conversation does not fit the context window: the request's fault
             job.events.put(("error", _HTTPError(400, exc.message, code="engine_refused")))
+            return
+        except LicenceError as exc:  # the adapter's licence expired (or forbids serving) while we run
+            job.events.put(("error", _HTTPError(403, exc.message, type_="permission_error", code="licence")))
             return
         except VaultError as exc:  # e.g. GuardError: fail closed, say why
             job.events.put(("error", _HTTPError(500, exc.message, type_="server_error", code="generation_failed")))

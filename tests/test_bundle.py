@@ -357,3 +357,65 @@ def test_fuzz_malformed_bundle_dirs_give_vault_errors(tmp_path_factory, files):
     with pytest.raises(VaultError) as err:
         verify_bundle(out, my_recipient=recipient, trusted=[], now=T0)
     assert isinstance(err.value, (BundleError, SignatureError, LicenceError))
+
+
+# -- the licence in the runtime -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_licensed_adapter_in_the_real_runtime_and_server(keyring_env, tmp_path):
+    """bob runs alice's adapter under licence: refused with the pass-through guard, loaded with the
+    real guard, served over HTTP (real openai client) until the licence expires mid-session (403)."""
+    import functools
+
+    import openai
+
+    from fixtures_adapters import make_peft_adapter
+    from runtime import loader
+    from runtime.chat import respond
+    from runtime.guard.base import PassThroughGuard
+    from runtime.models import default_model
+    from runtime.server import ChatServer
+    from vault.bundle import export_bundle, import_bundle
+    from vault.licence import enforcing
+    from vault.store import Vault
+
+    base = default_model()
+    alice, _ = Vault.create(tmp_path / "alice")
+    bob, _ = Vault.create(tmp_path / "bob")
+    adapter = make_peft_adapter(tmp_path / "peft", r=4, targets=["q_proj", "v_proj"], layers=range(4), seed=3)
+    alice.add("voice", adapter, base_name=base.name, base_sha256=base.sha256)
+    a_id, b_id = load_identity(alice.keys, create=True), load_identity(bob.keys, create=True)
+    TrustStore(bob.home, bob.keys).add("alice", a_id.public)
+    expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=1)
+    export_bundle(alice, "voice", tmp_path / "serve-ok", to=b_id.public.recipient, uses=("chat", "serve"), expires=expires)
+    export_bundle(alice, "voice", tmp_path / "chat-only", to=b_id.public.recipient, uses=("chat",))
+    entry = import_bundle(bob, tmp_path / "serve-ok", name="voice")
+    import_bundle(bob, tmp_path / "chat-only", name="voice-chat")
+
+    engine = loader.open_engine()
+    with pytest.raises(LicenceError, match="requires the guard"):
+        loader.attach(engine, bob, "voice", guard=PassThroughGuard())
+    with pytest.raises(LicenceError, match="does not permit 'serve'"):
+        loader.attach(engine, bob, "voice-chat", guard=PassThroughGuard(), use="serve")
+    guard = loader.default_guard(bob)  # as `vault serve` does: static audit, screening on
+    loader.attach(engine, bob, "voice", guard=guard, use="serve")
+
+    clock = [datetime.now(timezone.utc)]
+    server = ChatServer(
+        enforcing(functools.partial(respond, engine, guard), {"voice": entry}, "serve", clock=lambda: clock[0]),
+        base_name=engine.base.name, adapters=["voice"], token="t" * 32,
+    )
+    server.start()
+    try:
+        api = openai.OpenAI(base_url=server.url, api_key="t" * 32, max_retries=0, timeout=120)
+        ok = api.chat.completions.create(model="voice", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+        assert ok.choices[0].finish_reason in ("stop", "length")
+        clock[0] = expires  # the session outlives the licence
+        with pytest.raises(openai.PermissionDeniedError, match="expired"):
+            api.chat.completions.create(model="voice", messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+        base_answer = api.chat.completions.create(
+            model=engine.base.name, messages=[{"role": "user", "content": "Say hi."}], max_tokens=4)
+        assert base_answer.choices[0].finish_reason in ("stop", "length")  # only the licensed adapter stops
+    finally:
+        server.stop(drain_timeout=10)
