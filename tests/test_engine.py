@@ -58,6 +58,9 @@ class _Spy:
         self.opened.append(buf)
         return buf
 
+    def get(self, name: str):  # attach() reads the entry first (licence enforcement)
+        return self.vault.get(name)
+
 
 def _memfds() -> int:
     count = 0
