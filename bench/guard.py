@@ -14,7 +14,7 @@ Also: the output screen on a 256-token answer (it runs every 16 tokens while str
 
 If bench/guard_audit.py exists (the adapter audit's benchmark) its main() runs afterwards.
 
-    python bench/guard.py [--runs 3] [--baseline-prompts 12] [--json]
+    python bench/guard.py [--runs 3] [--baseline-prompts 12] [--json] [--skip-audit]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="passes over the prompt sets for the screen")
     parser.add_argument("--baseline-prompts", type=int, default=12, help="prompts per size for the llama.cpp baseline")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-audit", action="store_true", help="do not run bench/guard_audit.py afterwards")
     args = parser.parse_args(argv)
 
     from llama_cpp import Llama
@@ -81,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     base = default_model()
     llm = Llama(model_path=str(base.path), n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
     rows = load_heldout()
-    sizes = {"chat": [], "long": []}
+    sizes: dict[str, list[str]] = {"chat": [], "long": []}
+    t0 = time.perf_counter()
     for r in rows:
         n = _tokens(llm, r["prompt"])
         if n < 128 and r["set"] in ("direct", "benign", "xstest_safe"):
             sizes["chat"].append(r["prompt"])
         elif n >= 1000:
             sizes["long"].append(r["prompt"])
+    print(f"sorted {len(rows)} held-out prompts by token count in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     model = load_model()
     screen_messages(model, [{"role": "user", "content": "warm up"}])
     results: dict[str, dict] = {}
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             res[f"screen_{ncpu}cpu"] = _pct(_time_screen(model, prompts, args.runs))
         os.sched_setaffinity(0, cpus[:2])
         sample = prompts[: args.baseline_prompts]
+        print(f"{size}: screen timed; llama.cpp baseline on {len(sample)} prompts", file=sys.stderr)
         base_t = _time_forward(llm, sample)
         ours_t = _time_screen(model, sample, 1)
         res["llama_forward_2threads"] = _pct(base_t)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     del llm
 
     audit_bench = Path(__file__).resolve().parent / "guard_audit.py"
-    if audit_bench.exists():
+    if audit_bench.exists() and not args.skip_audit:
         spec = importlib.util.spec_from_file_location("bench_guard_audit", audit_bench)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)  # type: ignore[union-attr]
