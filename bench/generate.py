@@ -77,6 +77,7 @@ def role_plain_throughput(args: argparse.Namespace) -> dict:
 def role_vault_throughput(args: argparse.Namespace) -> dict:
     from runtime import loader
     from runtime.chat import respond
+    from runtime.guard.base import PassThroughGuard
     from runtime.models import default_model
     from vault.adapter import make_blob
 
@@ -84,7 +85,7 @@ def role_vault_throughput(args: argparse.Namespace) -> dict:
     base = default_model()
     blob = bytearray(make_blob(adapter_tensors(args.rank), peft_config(args.rank), base_name=base.name,
                                base_sha256=base.sha256))
-    guard = loader.default_guard(None, engine=engine)
+    guard = PassThroughGuard() if args.passthrough else loader.default_guard(None, engine=engine)
     loader.attach_blob(engine, blob, "bench", guard=guard)
     msgs = [{"role": "user", "content": PROMPT}]
     list(respond(engine, guard, msgs, adapter="bench", max_tokens=8, temperature=0))  # warm-up
@@ -141,6 +142,8 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=0, help="0: what the vault runtime chooses")
     p.add_argument("--threads", type=int, default=0, help="0: what the vault runtime chooses")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--passthrough", action="store_true", help="tokens/s only: also time the vault runtime with the "
+                   "pass-through guard, to separate the runtime's cost from the guard's screening")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--lora", help=argparse.SUPPRESS)
@@ -182,7 +185,7 @@ def main() -> None:
         subprocess.run(vault_cli + ["add", "bench", str(peft_dir)], env=env, cwd=REPO, check=True,
                        capture_output=True)
 
-        tps = {"plain": [], "vault": []}
+        tps: dict[str, list[float]] = {"plain": [], "vault": [], "vault_passthrough": []}
         wall = {"plain": [], "vault": []}
         rss = {"plain": [], "vault": []}
         texts: dict[str, str] = {}
@@ -199,6 +202,9 @@ def main() -> None:
                 tps[side].append(r["tokens"] / r["seconds"])
                 texts[side] = r["text"]
                 guard_name = r.get("guard", guard_name)
+                if side == "vault" and args.passthrough:
+                    r = child(side, args, env, ["--passthrough"])
+                    tps["vault_passthrough"].append(r["tokens"] / r["seconds"])
             for side in order:
                 seconds, peak, out = timed(plain_cmd if side == "plain" else vault_cmd, env)
                 wall[side].append(seconds)
@@ -207,11 +213,13 @@ def main() -> None:
     finally:
         service.stop()
 
-    med = {k: {s: statistics.median(v[s]) for s in v} for k, v in (("tps", tps), ("wall", wall), ("rss", rss))}
+    med = {k: {s: statistics.median(v[s]) for s in v if v[s]} for k, v in (("tps", tps), ("wall", wall), ("rss", rss))}
     result = {
         "runs": args.runs, "reps": args.reps, "max_tokens": args.max_tokens, "rank": args.rank,
         "n_ctx": args.n_ctx, "threads": args.threads, "adapter_gguf_bytes": adapter_bytes, "guard": guard_name,
         "tokens_per_s": med["tps"], "tokens_per_s_ratio": med["tps"]["vault"] / med["tps"]["plain"],
+        "tokens_per_s_ratio_passthrough_guard": (med["tps"]["vault_passthrough"] / med["tps"]["plain"]
+                                                 if "vault_passthrough" in med["tps"] else None),
         "one_shot_wall_s": med["wall"], "one_shot_wall_ratio": med["wall"]["vault"] / med["wall"]["plain"],
         "peak_rss_bytes": med["rss"], "rss_excess_over_plain_plus_adapter_mib":
             (med["rss"]["vault"] - med["rss"]["plain"] - adapter_bytes) / 2**20,
@@ -226,6 +234,9 @@ def main() -> None:
           f"n_ctx {args.n_ctx}, {args.threads} threads; guard: {guard_name}; {args.runs} alternating runs")
     print(f"tokens/s       plain {med['tps']['plain']:7.1f}   vault {med['tps']['vault']:7.1f}   "
           f"ratio {result['tokens_per_s_ratio']:.3f}  (target >= 0.95)")
+    if result["tokens_per_s_ratio_passthrough_guard"] is not None:
+        print(f"tokens/s       vault with the pass-through guard {med['tps']['vault_passthrough']:7.1f}   "
+              f"ratio {result['tokens_per_s_ratio_passthrough_guard']:.3f}  (runtime cost without screening)")
     print(f"one-shot wall  plain {med['wall']['plain']:7.2f}s  vault {med['wall']['vault']:7.2f}s  "
           f"ratio {result['one_shot_wall_ratio']:.3f}  (target <= 1.3)")
     print(f"peak RSS       plain {med['rss']['plain'] / 2**20:7.1f}M  vault {med['rss']['vault'] / 2**20:7.1f}M  "
