@@ -31,7 +31,7 @@ _COMMAND_MODULES: dict[str, str] = {
     "audit": "cli.audit", "guard": "cli.guard",
     # sharing (issue 5)
     "identity": "cli.share", "trust": "cli.share", "export": "cli.share",
-    "verify": "cli.share", "import": "cli.share",
+    "verify": "cli.share", "import": "cli.share", "trace": "cli.share",
     # training (issue 6)
     "train": "cli.train",
 }

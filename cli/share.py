@@ -167,6 +167,10 @@ def _read_terms(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not valid JSON (line {exc.lineno})") from None
     if not isinstance(doc, dict) or set(doc) - _TEMPLATE_KEYS:
         raise UsageError(f"{path}: a licence template is an object with only {sorted(_TEMPLATE_KEYS)}")
+    types = {"terms": (str,), "uses": (list,), "expires": (str, type(None)), "guard_required": (bool,)}
+    for key, value in doc.items():
+        if type(value) not in types[key] or (key == "uses" and not all(isinstance(u, str) for u in value)):
+            raise UsageError(f"{path}: '{key}' has the wrong type")
     return doc
 
 
@@ -188,10 +192,12 @@ def _split_uses(value: str | None) -> set[str]:
 @click.option("--allow", help=f"Comma-separated uses granted besides chat: {', '.join(u for u in USES if u != 'chat')}.")
 @click.option("--guard-optional", is_flag=True, help="Let the licensee run without the guard (default: guard required).")
 @click.option("--include-recovery", is_flag=True, help="Also encrypt adapter.age to your vault's recovery key.")
+@click.option("--no-fingerprint", is_flag=True, help="Do not embed this licensee's keyed fingerprint in the weights "
+              "(default: embed it, so 'vault trace' can tell whose copy leaked).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The bundle directory to create (must not exist).")
 def export_cmd(name: str, to: str, licence_file: Path, expires: str | None, allow: str | None,
-               guard_optional: bool, include_recovery: bool, output: Path) -> None:
+               guard_optional: bool, include_recovery: bool, no_fingerprint: bool, output: Path) -> None:
     """Export adapter NAME as a signed, encrypted bundle licensed to one person.
 
     The bundle (adapter.age, licence.json, README.txt, model.sig) decrypts only for the licensee,
@@ -203,11 +209,12 @@ def export_cmd(name: str, to: str, licence_file: Path, expires: str | None, allo
     template = _read_terms(licence_file)
     uses = {"chat"} | _split_uses(",".join(template.get("uses", []))) | _split_uses(allow)
     expiry_text = expires if expires is not None else template.get("expires")
-    expiry = parse_expiry(str(expiry_text)) if expiry_text is not None else None
-    guard_required = bool(template.get("guard_required", True)) and not guard_optional
+    expiry = parse_expiry(expiry_text) if expiry_text is not None else None
+    guard_required = template.get("guard_required", True) and not guard_optional
     out, licence = export_bundle(
         vault, name, output, to=_resolve_to(vault, to), uses=uses, expires=expiry,
-        terms=str(template.get("terms", "")), guard_required=guard_required, include_recovery=include_recovery,
+        terms=template.get("terms", ""), guard_required=guard_required, include_recovery=include_recovery,
+        fingerprint=not no_fingerprint,
     )
     _print_licence(licence, title=f"exported {name} to {out}")
     rows = [(f, human_size((out / f).stat().st_size)) for f in sorted(p.name for p in out.iterdir())]
@@ -287,4 +294,30 @@ def import_cmd(directory: Path, name: str | None) -> None:
     err_console().print("The licence travels with the adapter: its uses and expiry are enforced at every load.")
 
 
-COMMANDS = [identity_cmd, trust_cmd, export_cmd, verify_cmd, import_cmd]
+@click.command("trace")
+@click.argument("name")
+@click.argument("suspect", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def trace_cmd(name: str, suspect: Path, as_json: bool) -> None:
+    """Tell which licensee a leaked copy of your adapter NAME came from.
+
+    SUSPECT is the leaked adapter (PEFT directory or GGUF LoRA). Every bundle exported from NAME
+    carries a keyed fingerprint for its licensee; this scores SUSPECT against each of them. A z-score
+    of 8 or more is a match (chance: below 1e-15); unrelated licences score about 0. Averaging copies,
+    heavy noise or retraining weaken the signal: a match is evidence, no match proves nothing.
+    """
+    from vault.fingerprint import MATCH_Z, trace
+
+    results = trace(Vault(), name, suspect)
+    if as_json:
+        print_json([t.to_json() for t in results])
+        return
+    if not results:
+        console().print(f"No fingerprinted exports of {name} are recorded in this vault.", markup=False)
+        return
+    print_table(["licensee", "licence id", "issued", "z", "match"],
+                [(t.licensee, t.licence_id, t.issued, f"{t.z:.1f}", "YES" if t.match else "") for t in results],
+                title=f"fingerprint trace of {suspect} (match: z >= {MATCH_Z:g})")
+
+
+COMMANDS = [identity_cmd, trust_cmd, export_cmd, verify_cmd, import_cmd, trace_cmd]

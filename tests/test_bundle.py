@@ -359,6 +359,25 @@ def test_fuzz_malformed_bundle_dirs_give_vault_errors(tmp_path_factory, files):
     assert isinstance(err.value, (BundleError, SignatureError, LicenceError))
 
 
+def test_include_recovery_decrypts_with_the_stock_age_cli(keyring_env, tmp_path, blob):
+    """--include-recovery: the exporter's paper recovery key opens adapter.age with plain `age -d`."""
+    from vault.bundle import export_bundle
+    from vault.store import Vault
+
+    alice, recovery = Vault.create(tmp_path / "alice")
+    alice.add_blob("voice", blob)
+    bob_recipient = age.X25519Identity.generate().recipient.to_string()
+    out, lic = export_bundle(alice, "voice", tmp_path / "b", to=bob_recipient, include_recovery=True)
+    key = tmp_path / "recovery.key"
+    key.write_text(recovery + "\n")
+    plain = subprocess.run(["age", "-d", "-i", str(key), str(out / ADAPTER)], capture_output=True, timeout=60)
+    assert plain.returncode == 0, plain.stderr
+    assert hashlib.sha256(plain.stdout).hexdigest() == lic.adapter_sha256
+    assert plain.stdout != blob and len(plain.stdout) == len(blob)  # fingerprinted for this licensee (default)
+    out2, _ = export_bundle(alice, "voice", tmp_path / "b2", to=bob_recipient)  # default: licensee only
+    assert subprocess.run(["age", "-d", "-i", str(key), str(out2 / ADAPTER)], capture_output=True, timeout=60).returncode != 0
+
+
 # -- the licence in the runtime -------------------------------------------------------------------
 
 

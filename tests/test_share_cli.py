@@ -162,7 +162,11 @@ def test_untrusted_signer_explicit_signer_and_trust_file(make_user, tmp_path):
 
 def test_reexport_allowed_by_share_is_clamped(trio, tmp_path):
     alice, bob, carol = trio["alice"], trio["bob"], trio["carol"]
-    bundle = _export(alice, tmp_path, "bundle", "--allow", "share")
+    template = tmp_path / "licence.json"  # --licence may also be a JSON template instead of plain terms
+    template.write_text(json.dumps({"terms": "Bob may pass it on.", "uses": ["share"], "expires": "30d"}))
+    bundle = tmp_path / "bundle"
+    vault(alice, "export", "voice", "--to", tmp_path / "bob.id", "--licence", template, "-o", bundle)
+    assert json.loads((bundle / "licence.json").read_text())["uses"] == ["chat", "share"]
     vault(bob, "import", bundle)
     vault(carol, "trust", "add", "bob", tmp_path / "bob.id")
     # bob asks for more than he was granted: refused
@@ -180,6 +184,7 @@ def test_reexport_allowed_by_share_is_clamped(trio, tmp_path):
 
     # malformed inputs: one-line errors with the right exit code, never a traceback
     (tmp_path / "junk").mkdir()
+    (tmp_path / "bad.json").write_text(json.dumps({"uses": "serve"}))
     for args in (
         ("verify", tmp_path / "junk"),
         ("verify", tmp_path / "missing"),
@@ -189,8 +194,22 @@ def test_reexport_allowed_by_share_is_clamped(trio, tmp_path):
          "-o", tmp_path / "o"),
         ("export", "voice", "--to", tmp_path / "bob.id", "--licence", tmp_path / "terms.txt", "--allow", "fly",
          "-o", tmp_path / "o"),
+        ("export", "voice", "--to", tmp_path / "bob.id", "--licence", tmp_path / "bad.json", "-o", tmp_path / "o"),
     ):
         proc = vault(alice, *args, ok=False)
         assert proc.returncode not in (0, 70), proc.stderr
         assert proc.stderr.startswith("vault: error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bob_runs_the_licensed_adapter_one_shot(make_user, tmp_path):
+    """The licence travels into `vault run`: bob's one-shot answer goes through the real engine and guard."""
+    people = _people(make_user, tmp_path, ("alice", "bob"))
+    bob = people["bob"]
+    vault(bob, "import", _export(people["alice"], tmp_path))
+    listed = vault(bob, "list").stdout
+    assert "chat until" in listed and "guard required" in listed
+    shown = vault(bob, "show", "voice").stdout
+    assert "Personal use by Bob only." in shown and "licensor key" in shown
+    answer = json.loads(vault(bob, "run", "voice", "Say hi.", "--max-tokens", "4", "--temperature", "0", "--json").stdout)
+    assert answer["finish_reason"] in ("stop", "length", "content_filter")

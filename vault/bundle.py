@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -43,6 +44,7 @@ from vault.errors import (
     UsageError,
     VaultError,
 )
+from vault import fingerprint as fingerprints
 from vault.fsio import atomic_write, fsync_dir
 from vault.identity import Identity, PublicIdentity, key_id_of, load_identity
 from vault.licence import Licence, derive, format_time, licence_of, parse_licence
@@ -316,6 +318,7 @@ def export_bundle(
     terms: str = "",
     guard_required: bool = True,
     include_recovery: bool = False,
+    fingerprint: bool = True,
     now: datetime | None = None,
     progress: Progress = _quiet,
 ) -> tuple[Path, Licence]:
@@ -323,6 +326,10 @@ def export_bundle(
 
     A licensed (imported) adapter can be re-exported only if its licence permits ``share``; the
     new licence is clamped to the old one's uses, expiry and guard requirement.
+
+    With ``fingerprint`` (the default) the exported weights carry this licence's keyed fingerprint
+    (vault.fingerprint) and a sealed "fingerprint" record is kept, so ``vault trace`` can tell
+    which licensee a leaked copy came from.
 
     Raises:
         AlreadyExistsError: ``out_dir`` exists.
@@ -347,13 +354,19 @@ def export_bundle(
     try:
         if hashlib.sha256(blob).hexdigest() != entry.sha256:
             raise IntegrityError(f"adapter '{name}' does not match its recorded digest")
+        licence_id = secrets.token_hex(16)
+        shared: bytes | bytearray = blob
+        if fingerprint:
+            progress("fingerprinting the weights for this licensee")
+            shared = fingerprints.embed(blob, fingerprints.key_from(vault.keys), licence_id)
         licence = Licence.create(
+            licence_id=licence_id,
             licensor_key=identity.public.key_id,
             licensor_recipient=identity.public.recipient,
             licensee_recipient=recipients[0].to_string(),
             adapter_name=name,
-            adapter_sha256=entry.sha256,
-            adapter_size=len(blob),
+            adapter_sha256=hashlib.sha256(shared).hexdigest(),
+            adapter_size=len(shared),
             base_name=entry.base_name,
             base_sha256=entry.base_sha256,
             uses=uses,
@@ -363,7 +376,15 @@ def export_bundle(
             parent=parent.id if parent else None,
             now=now,
         )
-        write_bundle(out, identity, blob, licence, recipients, progress=progress)
+        if fingerprint:
+            record = {"adapter": name, "adapter_sha256": entry.sha256, "licence": licence.to_dict()}
+            vault.seal_record(fingerprints.RECORD_KIND, licence_id, json.dumps(record, sort_keys=True).encode())
+        try:
+            write_bundle(out, identity, shared, licence, recipients, progress=progress)
+        except BaseException:
+            if fingerprint:
+                vault.remove_record(fingerprints.RECORD_KIND, licence_id)
+            raise
     finally:
         _zero(blob)
     return out, licence

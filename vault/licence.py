@@ -162,15 +162,16 @@ class Licence:
         terms: str = "",
         parent: str | None = None,
         now: datetime | None = None,
+        licence_id: str | None = None,
     ) -> "Licence":
-        """Build a new licence with a fresh random id, validated exactly as a parsed one would be.
+        """Build a new licence (fresh random id unless ``licence_id``), validated exactly as a parsed one would be.
 
         Raises:
             LicenceError: any field out of schema.
         """
         issued = (now or _utcnow()).astimezone(timezone.utc).replace(microsecond=0)
         lic = cls(
-            id=secrets.token_hex(16),
+            id=licence_id or secrets.token_hex(16),
             licensor_key=licensor_key,
             licensor_recipient=licensor_recipient,
             licensee_recipient=licensee_recipient,
