@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> dict:
     import numpy as np
 
     from runtime.guard import audit as audit_mod
+    from runtime.guard import directions as directions_mod
     from runtime.guard.directions import base_projections, load_directions
     from runtime.models import default_model
     from vault.adapter import load_blob, make_blob
@@ -116,6 +117,7 @@ def _run(args: argparse.Namespace) -> dict:
     projections = base_projections(base, directions, cache_dir=cache_dir, mac_key=key)
     for name in names[1:]:
         audit_mod._PREPARED.clear()          # as in a fresh process: base data come from the disk cache
+        directions_mod._PROJECTIONS.clear()
         start = time.perf_counter()
         report = audit(name)
         cold.append(time.perf_counter() - start)

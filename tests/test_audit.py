@@ -294,7 +294,7 @@ def test_force_is_logged_remembered_and_refused_under_licence(vault_with_adapter
 def test_behavioural_check_is_uninformative_on_a_base_that_complies(vault_with_adapters, base_model, isolated_home):
     from runtime.engine import Engine
 
-    with Engine(base_model, n_threads=2) as engine:
+    with Engine(base_model, n_threads=1) as engine:  # 1 thread: spinning llama.cpp workers crawl on a busy box
         report = _audit(vault_with_adapters, "evil", base_model, engine=engine)
         behaviour = report.details["behaviour"]
         assert behaviour["status"] == "uninformative" and behaviour["base_refusals"] < 3

@@ -48,13 +48,14 @@ from runtime.guard.base import AuditReport
 from runtime.guard.directions import (
     BaseDirections,
     BaseProjections,
-    npz_arrays,
-    read_maced,
-    npz_bytes,
-    write_maced,
     atomic_write,
     base_projections,
     load_directions,
+    npz_arrays,
+    npz_bytes,
+    read_maced,
+    span_id,
+    write_maced,
 )
 from vault.adapter_names import parse_peft_name
 from vault.errors import AuditRejectedError, GuardError, LicenceError
@@ -180,11 +181,13 @@ class _Prepared:
     sq: dict[str, np.ndarray]        # "o"/"d" -> (n_layer, m): |rⱼᵀW|²
 
 
-_PREPARED: dict[tuple[str, int, int], _Prepared] = {}
+_PREPARED: dict[tuple[str, str], _Prepared] = {}
 
 
 def _prepare(directions: BaseDirections, projections: BaseProjections) -> _Prepared:
-    key = (directions.base_sha256, id(directions), id(projections))
+    if projections.base_sha256 != directions.base_sha256:
+        raise ValueError("directions and projections belong to different base models")
+    key = (directions.base_sha256, span_id(directions))
     hit = _PREPARED.get(key)
     if hit is not None:
         return hit

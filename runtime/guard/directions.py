@@ -38,6 +38,7 @@ __all__ = [
     "SHIPPED_DIR",
     "chat_tokens",
     "compute_directions",
+    "compute_projections",
     "load_directions",
     "base_projections",
     "build_shipped",
@@ -409,11 +410,19 @@ def load_directions(
     return d
 
 
+# Projections are pure functions of (base digest, span): kept in memory so a process pays for them once
+# (without a vault there is no disk cache, and dequantizing the base takes seconds).
+_PROJECTIONS: dict[tuple[str, str], BaseProjections] = {}
+
+
 def base_projections(
     base, directions: BaseDirections, *, cache_dir: Path | None = None, mac_key: bytes | None = None
 ) -> BaseProjections:
-    """``span^T W`` per block for ``base``: from the MACed cache, or dequantized from the GGUF and cached."""
-    span_digest = hashlib.sha256(np.ascontiguousarray(directions.span).tobytes()).hexdigest()[:16]
+    """``span^T W`` per block for ``base``: from memory, the MACed cache, or dequantized from the GGUF and cached."""
+    span_digest = span_id(directions)
+    memo = _PROJECTIONS.get((base.sha256, span_digest))
+    if memo is not None:
+        return memo
     label = f"projections:{base.sha256}:{span_digest}"
     path = cache_dir / f"projections-{base.sha256}-{span_digest}.npz" if cache_dir else None
     if path is not None:
@@ -421,13 +430,21 @@ def base_projections(
         if payload is not None:
             try:
                 arrays = npz_arrays(payload)
-                return BaseProjections(base.sha256, arrays["o"], arrays["d"])
+                proj = BaseProjections(base.sha256, arrays["o"], arrays["d"])
+                _PROJECTIONS[(base.sha256, span_digest)] = proj
+                return proj
             except (ValueError, KeyError, OSError):
                 pass
     proj = compute_projections(Path(base.path), directions)
     if path is not None:
         write_maced(path, mac_key, label, npz_bytes({"o": proj.o, "d": proj.d}))
+    _PROJECTIONS[(base.sha256, span_digest)] = proj
     return proj
+
+
+def span_id(directions: BaseDirections) -> str:
+    """A short digest of the directions' span: what the projections (and anything derived) depend on."""
+    return hashlib.sha256(np.ascontiguousarray(directions.span).tobytes()).hexdigest()[:16]
 
 
 def build_shipped(base=None, *, progress: ProgressFn | None = None) -> Path:
