@@ -58,7 +58,7 @@ def _dry_run(data: tuple[Path, ...], config: Any, base: str | None, as_json: boo
     out.print(f"data: {est.files} file(s), {human_size(est.bytes)}, {est.examples} examples "
               f"({est.train_examples} to train on, {est.heldout_examples} held out)")
     out.print(f"training: {est.steps} steps over {est.train_tokens:,} tokens at about {est.tokens_per_s:.0f} tokens/s")
-    out.print(f"estimated time: {_minutes(est.seconds)} (including ~25 s to load the base model)")
+    out.print(f"estimated time on an idle machine: {_minutes(est.seconds)} (including ~25 s to load the base model)")
     out.print(f"estimated peak memory: {human_size(est.peak_rss_bytes)} of {human_size(est.available_bytes)} available")
     if est.peak_rss_bytes > est.available_bytes:
         out.print("[bold red]this will not fit in memory: lower --block-size or close other programs[/]")

@@ -55,14 +55,18 @@ CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FORMAT = "vault-train-checkpoint/1"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# Measured on the reference machine (2-core Xeon with AVX-512, torch 2.13.0 CPU, fp32, SmolLM2-135M,
-# block 256, batch 4, rank 8 on all 7 projections): training throughput and peak RSS. The dry run
-# scales throughput by core count and parameter count; it is an estimate, and says so.
-_REF_TOKENS_PER_S = 300.0
+# Measured on the reference machine (2-core Xeon with AVX-512, torch 2.13.0 CPU, fp32, SmolLM2-135M, rank 8 on
+# all 7 projections, 256-token sequences, one at a time): ~250 training tokens/s with both cores idle (it drops
+# to 40-75 tokens/s when other jobs keep the load average at 7-13); RSS 1.0 GB once the base is loaded and a
+# peak of 2.24 GB while training (bench/train.py). The dry run scales these by cores, sequence length and
+# parameter count (~1.8 parameters per byte of a 4-bit GGUF): an estimate for an idle machine, and it says so.
+_REF_TOKENS_PER_S = 250.0
 _REF_CORES = 2
 _REF_PARAMS = 135e6
-_REF_LOAD_S = 25.0
-_BASE_RSS = 1.4e9  # interpreter + torch + dequantized fp32 base + tokenizer, measured peak before training
+_REF_LOAD_S = 25.0  # GGUF -> torch, tokenizer conversion
+_REF_FINISH_S = 40.0  # sample, seal, audit
+_LOADED_RSS = 1.0e9
+_TRAIN_RSS_PER_256 = 1.24e9  # peak minus loaded, per 256 tokens in one micro-batch
 
 Progress = Callable[["TrainEvent"], None]
 
@@ -497,18 +501,17 @@ def estimate(paths: Sequence[Path | str], config: TrainConfig = TrainConfig(), *
         steps = min(steps, config.max_steps)
         train_tokens = min(train_tokens, steps * config.batch_size * config.block_size)
     cores = max(1, min(config.threads or default_threads(), os.cpu_count() or 1))
-    rate = _REF_TOKENS_PER_S * (cores / _REF_CORES) * (_REF_PARAMS / max(model.size * 2.0, 1.0)
-                                                       if model.name != "SmolLM2-135M-Instruct" else 1.0)
+    scale = 1.0 if model.name == "SmolLM2-135M-Instruct" else max(model.size * 1.8, 1.0) / _REF_PARAMS
+    rate = _REF_TOKENS_PER_S * (cores / _REF_CORES) / scale
     # training is ~3x a forward pass; two held-out passes (base, adapter) cost ~2/3 of a training pass
-    seconds = _REF_LOAD_S + train_tokens / rate + held_tokens * 2 / (rate * 3)
+    seconds = _REF_LOAD_S * scale + train_tokens / rate + held_tokens * 2 / (rate * 3) + _REF_FINISH_S * scale
     if config.max_minutes is not None:
-        seconds = min(seconds, _REF_LOAD_S + config.max_minutes * 60)
-    vocab = len(tokenizer)
-    activations = config.batch_size * config.block_size * (vocab * 4 * 3 + 576 * 4 * 30 * 12)
+        seconds = min(seconds, (_REF_LOAD_S + _REF_FINISH_S) * scale + config.max_minutes * 60)
+    peak = _LOADED_RSS * scale + _TRAIN_RSS_PER_256 * scale * config.micro_batch * config.block_size / 256
     return Estimate(
         files=corpus.files, bytes=corpus.bytes, examples=len(examples), train_examples=len(train_ex),
         heldout_examples=len(held), train_tokens=train_tokens, steps=steps, tokens_per_s=rate,
-        seconds=seconds, peak_rss_bytes=int(_BASE_RSS + activations), available_bytes=psutil.virtual_memory().available,
+        seconds=seconds, peak_rss_bytes=int(peak), available_bytes=psutil.virtual_memory().available,
     )
 
 
