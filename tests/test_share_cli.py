@@ -80,7 +80,8 @@ def test_alice_to_bob_and_not_carol(trio, tmp_path):
     assert entry["name"] == "voice" and entry["source"] == "import"
     assert entry["licence"]["licensee"]["recipient"] == json.loads(vault(bob, "identity", "--json").stdout)["recipient"]
     alice_entry = json.loads(vault(alice, "show", "voice", "--json").stdout)
-    assert entry["sha256"] == alice_entry["sha256"]  # same plaintext, now sealed to bob's device
+    assert entry["sha256"] == report["licence"]["adapter"]["sha256"]  # what the signed licence names
+    assert entry["sha256"] != alice_entry["sha256"]  # bob's copy carries his fingerprint
 
     # bob may not re-share (no 'share' in the licence): refused with the licence exit code
     denied = vault(bob, "export", "voice", "--to", tmp_path / "carol.id", "--licence", tmp_path / "terms.txt",
