@@ -93,6 +93,19 @@ def test_shipped_weights_match_pinned_sha256_and_are_small() -> None:
     assert len(data) < 20 * 1024 * 1024
 
 
+def test_shipped_weights_are_in_canonical_form() -> None:
+    """train_screen.serialize is order-independent, and the shipped file is its output (reproducible bytes)."""
+    from safetensors.numpy import load
+
+    from runtime.guard.train_screen import serialize
+
+    data = WEIGHTS_PATH.read_bytes()
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    tensors = load(data)
+    assert serialize(tensors, meta) == data
+    assert serialize(dict(reversed(list(tensors.items()))), dict(reversed(list(meta.items())))) == data
+
+
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:
     data = bytearray(WEIGHTS_PATH.read_bytes())
     data[-3] ^= 0x01

@@ -59,7 +59,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "b2698d139c6ae2b517fede37ef8726f298ae4026e6ee3e70ea8097e90c43692c"
+WEIGHTS_SHA256 = "b840e9b0725db7e4aeaaf4dd7b790643b25492ca91a6fd745326e780242382da"
 
 WINDOW_WORDS = 48  # sliding window (words) for long texts; about one paragraph
 WINDOW_STRIDE = 16

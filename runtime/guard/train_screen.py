@@ -2,7 +2,8 @@
 
     python -m runtime.guard.train_screen [--shared-data ../shared/data] [--out runtime/guard/weights]
 
-Deterministic (fixed seed, full-batch L-BFGS): the same inputs give byte-identical weights,
+Deterministic (fixed seed, full-batch L-BFGS, canonical file header): the same inputs give
+byte-identical weights,
 whose sha256 is printed at the end and must be pinned in ``screen.WEIGHTS_SHA256``.
 Needs numpy and scipy (training only; the runtime uses numpy alone). Runs in a few
 minutes on two cores.
@@ -442,6 +443,23 @@ def _meta(threshold: float) -> dict[str, str]:
     }
 
 
+def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
+    """A safetensors file with a canonical header (sorted keys, compact JSON), so that the same
+    tensors and metadata always give the same bytes (the Rust writer orders metadata by a HashMap)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}[arr.dtype]
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
 def _pick_threshold(model: ScreenModel, dev: list[Example]) -> float:
     benign = np.array([model.score(e.text).logit for e in dev if e.label == 0])
     harmful = np.array([model.score(e.text).logit for e in dev if e.label == 1])
@@ -460,8 +478,6 @@ def _write_heldout(sets: dict[str, list[Example]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safetensors.numpy import save
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
@@ -473,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     first = train(train_set, category=False)
     threshold = _pick_threshold(ScreenModel(first, _meta(0.0)), dev_set)
     tensors = train(train_set + dev_set)
-    blob = save(tensors, metadata=_meta(threshold))
+    blob = serialize(tensors, _meta(threshold))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "screen.safetensors").write_bytes(blob)
     _write_heldout(sets, DATA / "heldout.jsonl")
