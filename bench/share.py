@@ -4,7 +4,7 @@
 Two real vaults (alice, bob) on a private gnome-keyring. Every round runs each case once,
 alternating, and medians are compared:
 
-    export  vault   export_bundle(): open sealed adapter, licence, age-encrypt to bob, model-signing sign
+    export  vault   export_bundle(): open sealed adapter, fingerprint, licence, age-encrypt to bob, model-signing sign
             stock   age -r BOB -o adapter.age PLAIN  +  model_signing sign key (the same two steps by hand)
     verify  vault   verify_bundle(): layout, trusted signer, signature, licence, addressee, expiry (no decryption)
             stock   model_signing verify key DIR --signature DIR/model.sig --public_key alice.pub

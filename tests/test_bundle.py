@@ -225,6 +225,8 @@ def test_bundle_layout_and_roundtrip(people, blob, tmp_path):
     bob.trust.add("alice", alice.identity.public)
     verified = verify_bundle(out, my_recipient=bob.identity.public.recipient, trusted=bob.trust.list(), now=T0)
     assert verified.signer_name == "alice" and verified.licence.adapter_name == "alice-voice"
+    assert verified.files == {n: {"size": (out / n).stat().st_size, "sha256": hashlib.sha256((out / n).read_bytes()).hexdigest()}
+                              for n in BUNDLE_FILES}
     got, plain = open_bundle(out, bob.identity, bob.trust.list(), now=T0)
     assert bytes(plain) == blob
 

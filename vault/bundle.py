@@ -196,14 +196,6 @@ def _read(path: Path, limit: int) -> bytes:
     return data
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- verify --------------------------------------------------------------------------
 
 
@@ -236,7 +228,8 @@ def verify_bundle(
     """
     directory = Path(path)
     _check_layout(directory)
-    hint = _signature_key_hint(_read(directory / SIGNATURE, LIMITS[SIGNATURE]))
+    sig_bytes = _read(directory / SIGNATURE, LIMITS[SIGNATURE])
+    hint = _signature_key_hint(sig_bytes)
     if signer is not None:
         if signer.key_id != hint:
             raise SignatureError(f"the bundle was not signed by the given key (it names key {hint[:16]}...)")
@@ -259,11 +252,24 @@ def verify_bundle(
         )
     if licence.expired(now):
         raise LicenceError(f"the licence expired at {format_time(licence.expires)}")  # type: ignore[arg-type]
+    signed = _signed_digests(sig_bytes)  # verified above: no need to hash the files a second time
     files = {
-        name: {"size": (directory / name).stat().st_size, "sha256": _sha256_file(directory / name)}
+        name: {"size": (directory / name).stat().st_size,
+               "sha256": signed.get(name) if name != SIGNATURE else hashlib.sha256(sig_bytes).hexdigest()}
         for name in BUNDLE_FILES
     }
     return VerifiedBundle(directory, licence, signer_name, key_id_of(pem), files)
+
+
+def _signed_digests(sig_bytes: bytes) -> dict[str, str]:
+    """file name -> sha256 from the in-toto statement of a model.sig that has already been verified."""
+    import base64
+
+    try:
+        statement = json.loads(base64.b64decode(json.loads(sig_bytes)["dsseEnvelope"]["payload"]))
+        return {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
+    except (ValueError, KeyError, TypeError):
+        raise SignatureError("model.sig's statement does not list the bundle's files") from None
 
 
 # -- export --------------------------------------------------------------------------
