@@ -79,9 +79,10 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 print(f"  {event.phase}: {event.message}", file=sys.stderr, flush=True)
 
-    corpus_bytes = sum(p.stat().st_size for p in CORPUS.glob("*.md"))
+    plays = sorted(p for p in CORPUS.glob("*.md") if p.name != "README.md")
+    corpus_bytes = sum(p.stat().st_size for p in plays)
     start = time.monotonic()
-    result = train(vault, "bench", [CORPUS], config, progress=progress)
+    result = train(vault, "bench", plays, config, progress=progress)
     wall = time.monotonic() - start
     ratio = result.ppl_adapter / result.ppl_base
     report = {

@@ -58,7 +58,8 @@ def _dry_run(data: tuple[Path, ...], config: Any, base: str | None, as_json: boo
     out.print(f"data: {est.files} file(s), {human_size(est.bytes)}, {est.examples} examples "
               f"({est.train_examples} to train on, {est.heldout_examples} held out)")
     out.print(f"training: {est.steps} steps over {est.train_tokens:,} tokens at about {est.tokens_per_s:.0f} tokens/s")
-    out.print(f"estimated time on an idle machine: {_minutes(est.seconds)} (including ~25 s to load the base model)")
+    out.print(f"estimated time: {_minutes(est.seconds)} with {est.threads} thread(s) at the current load "
+              "(including ~25 s to load the base model)")
     out.print(f"estimated peak memory: {human_size(est.peak_rss_bytes)} of {human_size(est.available_bytes)} available")
     if est.peak_rss_bytes > est.available_bytes:
         out.print("[bold red]this will not fit in memory: lower --block-size or close other programs[/]")
@@ -76,7 +77,7 @@ def _report(result: Any, as_json: bool) -> None:
               f"in {_minutes(result.seconds)}; peak memory {human_size(result.peak_rss_bytes)}")
     if result.ppl_base is not None and result.ppl_adapter is not None:
         out.print(f"held-out perplexity: base {result.ppl_base:.2f} -> adapter {result.ppl_adapter:.2f} "
-                  f"({100 * result.ppl_drop:+.1f}% lower)" if result.ppl_drop >= 0 else
+                  f"({100 * result.ppl_drop:.1f}% lower)" if result.ppl_drop >= 0 else
                   f"held-out perplexity: base {result.ppl_base:.2f} -> adapter {result.ppl_adapter:.2f} (higher)")
     out.print("sample prompt:", markup=False)
     out.print("  " + result.sample_prompt.strip(), markup=False)
@@ -84,10 +85,11 @@ def _report(result: Any, as_json: bool) -> None:
     out.print("  " + result.sample_base.strip(), markup=False)
     out.print("your adapter continues:", markup=False)
     out.print("  " + result.sample_adapter.strip(), markup=False)
-    if result.audit is not None:
-        out.print(f"audit: {result.audit.get('verdict')}")
+    if result.audit is None or result.audit.get("verdict") == "pending":
+        why = "; ".join((result.audit or {}).get("reasons", [])) or "no guard installed"
+        out.print(f"audit: pending ({why}); the runtime audits the adapter before its first load", markup=False)
     else:
-        out.print("audit: pending (the runtime audits the adapter before its first load)")
+        out.print(f"audit: {result.audit.get('verdict')}")
 
 
 def _report_dpo(result: Any, as_json: bool) -> None:

@@ -145,6 +145,7 @@ class Estimate:
     train_tokens: int
     steps: int
     tokens_per_s: float
+    threads: int
     seconds: float
     peak_rss_bytes: int
     available_bytes: int
@@ -510,7 +511,7 @@ def estimate(paths: Sequence[Path | str], config: TrainConfig = TrainConfig(), *
     peak = _LOADED_RSS * scale + _TRAIN_RSS_PER_256 * scale * config.micro_batch * config.block_size / 256
     return Estimate(
         files=corpus.files, bytes=corpus.bytes, examples=len(examples), train_examples=len(train_ex),
-        heldout_examples=len(held), train_tokens=train_tokens, steps=steps, tokens_per_s=rate,
+        heldout_examples=len(held), train_tokens=train_tokens, steps=steps, tokens_per_s=rate, threads=cores,
         seconds=seconds, peak_rss_bytes=int(peak), available_bytes=psutil.virtual_memory().available,
     )
 
@@ -680,7 +681,7 @@ def audit_new_adapter(
         return None
     from runtime.loader import AdapterTensors
     from vault.adapter import load_blob
-    from vault.errors import AuditRejectedError
+    from vault.errors import AuditRejectedError, GuardError
 
     _emit(progress, TrainEvent("audit", message=f"auditing {name!r}"))
     blob = vault.open(name)
@@ -688,6 +689,12 @@ def audit_new_adapter(
         tensors, meta = load_blob(blob)
         report = default_guard(vault).audit_adapter(AdapterTensors(tensors, meta, name), base)
         del tensors
+    except AuditRejectedError:
+        raise
+    except GuardError as exc:
+        # The adapter is sealed and safe at rest; the loader audits it again before any use and refuses
+        # it while the guard cannot run, so a broken guard must not make a finished training run fail.
+        return {"verdict": "pending", "reasons": [f"the guard could not audit it yet: {exc.message}"]}
     finally:
         blob[:] = bytes(len(blob))
     verdict = report.to_json()  # the guard records its verdict on the vault entry itself

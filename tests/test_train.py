@@ -378,3 +378,17 @@ def test_dry_run_estimates_without_training(tmp_path: Path, isolated_home: Path)
     assert est["steps"] == -(-est["train_examples"] // 4)
     assert est["seconds"] > 0 and 0 < est["peak_rss_bytes"] < 4e9
     assert not isolated_home.exists()  # nothing was written, not even a vault
+
+
+def test_human_report_shows_perplexity_sample_and_audit(capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.train import _report
+    from runtime.train import TrainResult
+
+    result = TrainResult(name="me", steps=65, total_steps=65, resumed_from=12, stopped_early=False, train_tokens=1000,
+                         heldout_tokens=100, ppl_base=36.7, ppl_adapter=21.5, sample_prompt="Awake the [pert] spirit",
+                         sample_base="of a dance", sample_adapter="of mirth", seconds=75.0, peak_rss_bytes=2 << 30,
+                         sha256="ab" * 32, audit={"verdict": "pass"})
+    _report(result, as_json=False)
+    out = capsys.readouterr().out
+    assert "resumed at step 12" in out and "base 36.70 -> adapter 21.50 (41.4% lower)" in out
+    assert "Awake the [pert] spirit" in out and "of mirth" in out and "audit: pass" in out
