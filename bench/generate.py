@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,7 @@ def main() -> None:
                 texts[side + "_one_shot"] = out.strip()
     finally:
         service.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     med = {k: {s: statistics.median(v[s]) for s in v if v[s]} for k, v in (("tps", tps), ("wall", wall), ("rss", rss))}
     result = {
