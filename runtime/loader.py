@@ -142,7 +142,8 @@ def attach_blob(engine: Engine, blob: bytearray, name: str, *, guard: Guard,
             f"adapter {name!r} was sealed for base {meta.base_name} (sha256 {meta.base_sha256[:12]}...), "
             f"not {engine.base.name} (sha256 {engine.base.sha256[:12]}...); run it with that base (--base)")
     report = guard.audit_adapter(AdapterTensors(tensors, meta, name), engine.base)
-    if report.verdict == "reject":
+    # an owner's `vault audit --force` is recorded in the report (never possible under licence)
+    if report.verdict == "reject" and not report.details.get("forced"):
         raise AuditRejectedError(f"the adapter audit rejected {name!r}: {'; '.join(report.reasons) or 'no reason'}")
     if progress:
         progress(f"converting {name} to a GGUF LoRA in memory")
