@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -87,3 +88,20 @@ def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Any]:
             bar.update(tasks[stage], completed=done, total=total or 1)
 
         yield callback
+
+
+def help_with_guard_status(command: click.Command, screened_note: str) -> None:
+    """Append the guard's real status to ``command``'s --help (computed when help is shown, not at import).
+
+    ``screened_note`` is what to say when the real guard is installed; a pass-through guard is said plainly.
+    """
+    original = command.get_help
+
+    def get_help(ctx: click.Context) -> str:
+        from runtime.loader import guard_is_passthrough
+
+        note = ("NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): nothing is screened."
+                if guard_is_passthrough() else screened_note)
+        return original(ctx) + "\n\n" + note
+
+    command.get_help = get_help  # type: ignore[method-assign]

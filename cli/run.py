@@ -15,20 +15,12 @@ from typing import Any
 
 import click
 
-from cli.render import console, err_console, human_size, print_json, print_table, short
+from cli.render import console, err_console, help_with_guard_status, human_size, print_json, print_table, short
 from vault.errors import UsageError
 
 __all__ = ["COMMANDS"]
 
 _BASE_ONLY = "-"
-
-
-def _guard_note() -> str:
-    from runtime.loader import guard_is_passthrough
-
-    if guard_is_passthrough():
-        return "NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): nothing is screened."
-    return "Every prompt and answer is screened by the guard; adapters are audited before first use."
 
 
 # -- vault models ------------------------------------------------------------------------------
@@ -296,16 +288,6 @@ def run_cmd(name: str | None, prompt: str | None, base: str | None, max_tokens: 
         _interactive(session, name, system, max_tokens, temperature, seed)
 
 
-def _help_with_guard(command: click.Command) -> None:
-    """Put the guard's real status into --help (pass-through until runtime.guard.default_guard lands)."""
-    original = command.get_help
-
-    def get_help(ctx: click.Context) -> str:
-        return original(ctx) + "\n\n" + _guard_note()
-
-    command.get_help = get_help  # type: ignore[method-assign]
-
-
-_help_with_guard(run_cmd)
+help_with_guard_status(run_cmd, "Every prompt and answer is screened by the guard; adapters are audited before first use.")
 
 COMMANDS = [models_cmd, run_cmd]

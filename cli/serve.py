@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from cli.render import console, err_console
+from cli.render import console, err_console, help_with_guard_status
 from vault.errors import UsageError
 
 __all__ = ["COMMANDS"]
@@ -156,25 +156,7 @@ def _serve(vault: Any, token: str, names: tuple[str, ...], *, host: str, port: i
         engine.close()
 
 
-def _guard_note() -> str:
-    from runtime.loader import guard_is_passthrough
-
-    if guard_is_passthrough():
-        return "NOTE: the guard is a pass-through (runtime.guard.default_guard is not installed): nothing is screened."
-    return ("Every prompt and answer is screened by the guard (a blocked one is an ordinary completion with "
-            "finish_reason \"content_filter\"); adapters are audited before they are loaded.")
-
-
-def _help_with_guard(command: click.Command) -> None:
-    """Put the guard's real status into --help."""
-    original = command.get_help
-
-    def get_help(ctx: click.Context) -> str:
-        return original(ctx) + "\n\n" + _guard_note()
-
-    command.get_help = get_help  # type: ignore[method-assign]
-
-
-_help_with_guard(serve_cmd)
+help_with_guard_status(serve_cmd, ("Every prompt and answer is screened by the guard (a blocked one is an ordinary completion with "
+            "finish_reason \"content_filter\"); adapters are audited before they are loaded."))
 
 COMMANDS = [serve_cmd]
