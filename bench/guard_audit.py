@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -189,30 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # before numpy is imported
 
-    from secret_service import SecretService, missing_reason
+    from secret_service import missing_reason, private_vault_env
 
     reason = missing_reason()
     if reason:
         print(f"bench: cannot start a private keyring: {reason}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="vault-audit-bench-") as tmp:
-        service = SecretService(Path(tmp) / "keyring").start()
-        try:
-            os.environ.update(service.env)
-            os.environ["VAULT_HOME"] = str(Path(tmp) / "vault")
-            import keyring
-            from keyring.backends import SecretService as SecretServiceBackend
+    with private_vault_env("vault-audit-bench-"):
+        result = _run(args)
+        if args.profile_cached:
+            import cProfile
+            import pstats
 
-            keyring.set_keyring(SecretServiceBackend.Keyring())
-            result = _run(args)
-            if args.profile_cached:
-                import cProfile
-                import pstats
-
-                cProfile.runctx("_PROFILE()", globals(), {"_PROFILE": _PROFILE_CALL[0]}, "/tmp/audit-cached.prof")
-                pstats.Stats("/tmp/audit-cached.prof").sort_stats("cumtime").print_stats(18)
-        finally:
-            service.stop()
+            cProfile.runctx("_PROFILE()", globals(), {"_PROFILE": _PROFILE_CALL[0]}, "/tmp/audit-cached.prof")
+            pstats.Stats("/tmp/audit-cached.prof").sort_stats("cumtime").print_stats(18)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

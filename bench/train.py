@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,24 +40,14 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from secret_service import SecretService, missing_reason
+    from secret_service import missing_reason, private_vault_env
 
     reason = missing_reason()
     if reason:
         print(f"bench: cannot start a private keyring: {reason}", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="vault-train-bench-") as tmp:
-        service = SecretService(Path(tmp) / "keyring").start()
-        try:
-            os.environ.update(service.env)
-            os.environ["VAULT_HOME"] = str(Path(tmp) / "vault")
-            import keyring
-            from keyring.backends import SecretService as SecretServiceBackend
-
-            keyring.set_keyring(SecretServiceBackend.Keyring())
-            return _run(args)
-        finally:
-            service.stop()
+    with private_vault_env("vault-train-bench-"):
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

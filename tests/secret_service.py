@@ -7,14 +7,17 @@ HOME for the keyring files, unlocked with a throwaway password. Tests point the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SecretService", "available", "missing_reason"]
+__all__ = ["SecretService", "available", "missing_reason", "private_vault_env"]
 
 
 def missing_reason() -> str | None:
@@ -130,3 +133,22 @@ class SecretService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def private_vault_env(prefix: str) -> Iterator[Path]:
+    """For benchmarks: a temporary directory holding VAULT_HOME and a private, unlocked Secret Service
+    that this process's ``keyring`` uses. Yields the directory; the service is stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp)
+        service = SecretService(root / "keyring").start()
+        try:
+            os.environ.update(service.env)
+            os.environ["VAULT_HOME"] = str(root / "vault")
+            import keyring
+            from keyring.backends import SecretService as SecretServiceBackend
+
+            keyring.set_keyring(SecretServiceBackend.Keyring())
+            yield root
+        finally:
+            service.stop()
