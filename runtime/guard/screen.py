@@ -60,7 +60,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "b840e9b0725db7e4aeaaf4dd7b790643b25492ca91a6fd745326e780242382da"
+WEIGHTS_SHA256 = "3ad942de3588c26815064ab9e5d5b3d7e0a4a2bfcbc97f176f72447e3202e7e9"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 8  # encoder windows per text (~780 tokens); longer texts: where the n-gram part scores highest
