@@ -132,6 +132,11 @@ class Encoder:
                         self._memo.popitem(last=False)
         return out
 
+    def clear_memo(self) -> None:
+        """Forget memoised windows (benchmarks time the screen cold)."""
+        with self._lock:
+            self._memo.clear()
+
     def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         n, length = len(windows), max(len(w) for w in windows)
         ids = np.zeros((n, length), dtype=np.int64)

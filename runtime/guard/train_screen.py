@@ -659,7 +659,7 @@ def _encoder_model():
     return enc
 
 
-def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED) -> dict[str, np.ndarray]:
+def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS) -> dict[str, np.ndarray]:
     """Fine-tune the first ENC_LAYERS layers of all-MiniLM-L6-v2 with a harm head and a category head.
 
     Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
@@ -685,7 +685,7 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     opt = torch.optim.AdamW(params, lr=ENC_LR, weight_decay=0.01)
     pos = float(y.sum())
     w_pos, w_neg = 0.5 / pos * len(y), 0.5 / (len(y) - pos) * len(y)
-    steps = int(ENC_EPOCHS * len(examples) / ENC_BATCH)
+    steps = int(epochs * len(examples) / ENC_BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ENC_LR, total_steps=steps, pct_start=0.1)
     batches: list[list[int]] = []
     enc.train()
@@ -831,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--evaluate-only", action="store_true", help="report dev and held-out numbers, write nothing")
+    parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     import torch
@@ -842,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
     vocab, table = static_table([e.text for e in train_set])
     tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
-    tensors.update(train_encoder(train_set, vocab))
+    tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
     model = ScreenModel(tensors, _meta(threshold, stack))
