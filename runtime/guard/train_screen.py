@@ -390,6 +390,11 @@ def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
     return rows
 
 
+def _written_files(kind: str) -> list[str]:
+    """``kind.tsv`` and its later batches ``kind_*.tsv``, in name order."""
+    return sorted(p.name for p in WRITTEN.glob(f"{kind}*.tsv") if p.stem == kind or p.stem.startswith(kind + "_"))
+
+
 def _topic_role(key: str) -> str:
     b = zlib.crc32(("topic:" + key).encode("utf-8")) % 100
     return "heldout" if b < WRITTEN_HELDOUT_PCT else "dev" if b < WRITTEN_HELDOUT_PCT + WRITTEN_DEV_PCT else "train"
@@ -408,11 +413,11 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
             requests.extend((row, kind) for row in _written_rows(path.name))
     personas = [row for row in _written_rows("benign_personas.tsv")]
     wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
-    for strength, family, _topic, template in _written_rows("wrappers.tsv"):
+    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
         if template.count("{req}") == 1 and strength in ("strong", "mild"):
             wrappers[(_topic_role(family), strength)].append(template)
     paragraphs: dict[str, list[str]] = {"train": [], "dev": [], "heldout": []}
-    for _l, _c, topic, text in _written_rows("paragraphs.tsv"):
+    for _l, _c, topic, text in (row for f in _written_files("paragraphs") for row in _written_rows(f)):
         paragraphs[_topic_role(topic)].append(text)
 
     for (label_name, cat, topic, text), kind in requests:
