@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import abliteration as ab
@@ -170,6 +170,7 @@ def test_exact_abliteration_scores_its_strength(fixture_base, base_data) -> None
 
 @settings(max_examples=25, deadline=None)
 @given(rank=st.integers(1, 6), seed=st.integers(0, 2**32 - 1), alpha=st.floats(0.25, 64.0))
+@example(rank=3, seed=59057, alpha=1.0)  # cond(G) ≈ 2,700: broke the float32 version of the score
 def test_score_is_invariant_to_refactoring_and_alpha(base_data, rank, seed, alpha) -> None:
     """B·A is what llama.cpp applies: any (B·G, G⁻¹·A) split and any alpha with the same alpha/r·B·A score alike."""
     from runtime.guard.audit import static_check

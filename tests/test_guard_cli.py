@@ -79,7 +79,8 @@ def test_eval_table_json() -> None:
     assert result.exit_code == 0
     data = json.loads(result.output)
     sets = {r["set"]: r for r in data["sets"]}
-    assert set(sets) == {"benign", "benign_wrapped", "direct", "jailbreak", "xstest_safe"}
+    assert set(sets) == {"benign", "benign_wrapped", "direct", "jailbreak", "xstest_safe", "blind_direct",
+                         "blind_jailbreak", "blind_everyday", "blind_boundary"}
     assert sets["direct"]["metric"] == "recall" and sets["benign"]["metric"] == "fpr"
     assert all(r["n"] > 50 and r["p50_ms"] > 0 for r in sets.values())
 

@@ -221,6 +221,9 @@ def _pairs(tensors: Mapping[str, np.ndarray]) -> dict[tuple[int, str], dict[str,
 
 def _score(p: _Prepared, kind: str, layer: int, module: str, a: np.ndarray, b: np.ndarray, scale: float) -> ModuleScore:
     rows, sq = p.rows[kind][layer], p.sq[kind][layer]          # (m, in), (m,)
+    # float64: B·A is invariant under (B·G, G⁻¹·A), but Gram products of an ill-conditioned split
+    # (deliberate or not) lose the answer to float32 cancellation
+    a, b = a.astype(np.float64), b.astype(np.float64)
     qb = p.span.T @ b                                          # (k, r): B's column space in span coordinates
     cq = p.coords @ qb                                         # (m, r): rⱼᵀB
     ar = a @ rows.T                                            # (r, m): A·(rⱼᵀW)ᵀ

