@@ -302,3 +302,25 @@ def test_heldout_regression_floor(model) -> None:
     assert table["benign"] <= 0.04 and table["blind_everyday"] <= 0.01 and table["blind_boundary"] <= 0.07
     assert table["benign_wrapped"] <= 0.055
     assert table["xstest_safe"] <= 0.03
+
+
+def test_training_loss_reads_each_example_at_its_best_window() -> None:
+    """Multiple-instance loss: BCE on the max window of each example, category head on that window."""
+    torch = pytest.importorskip("torch")
+    from runtime.guard.train_screen import _mil_loss
+
+    logits = torch.tensor([-2.0, 3.0, 0.5, -1.0, -4.0])  # example 0: windows 0-2, example 1: windows 3-4
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    y = torch.tensor([1.0, 0.0])
+    weight = torch.tensor([1.0, 2.0])
+    feats = torch.eye(5)
+    head = torch.nn.Linear(5, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.arange(15, dtype=torch.float32).reshape(3, 5) / 10)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = (bce(torch.tensor(3.0), torch.tensor(1.0)) + 2 * bce(torch.tensor(-1.0), torch.tensor(0.0))) / 2
+    no_cat = _mil_loss(logits, owner, y, weight, torch.tensor([-1, -1]), feats, head, 0.5)
+    assert float(no_cat) == pytest.approx(float(expected), rel=1e-6)
+    with_cat = _mil_loss(logits, owner, y, weight, torch.tensor([2, -1]), feats, head, 0.5)
+    ce = torch.nn.functional.cross_entropy(head(feats[1:2]), torch.tensor([2]))  # window 1 decides example 0
+    assert float(with_cat) == pytest.approx(float(expected + 0.5 * ce), rel=1e-6)

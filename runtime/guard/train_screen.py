@@ -569,6 +569,29 @@ def _prepare(examples: list[Example], emb: StaticEmbedding) -> _Prepared:
     )
 
 
+
+def _mil_loss(logits, owner, y, weight, cats, feats, cat_head, cat_weight: float):
+    """Multiple-instance loss: weighted BCE on each example's best window (max over its windows),
+    plus cross-entropy of the category head on that deciding window for harmful examples with a category.
+
+    ``logits``/``feats``: per window; ``owner``: example index of each window; ``y``, ``weight``,
+    ``cats`` (-1 = none): per example.
+    """
+    import torch
+    from torch import nn
+
+    n_ex = len(y)
+    best = torch.full((n_ex,), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
+    loss = (weight * nn.functional.binary_cross_entropy_with_logits(best, y, reduction="none")).mean()
+    if bool((cats >= 0).any()):
+        first = torch.full((n_ex,), -1, dtype=torch.long)
+        is_best = (logits == best[owner]).nonzero().squeeze(1)
+        first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
+        sel = (cats >= 0) & (first >= 0)
+        if bool(sel.any()):
+            loss = loss + cat_weight * nn.functional.cross_entropy(cat_head(feats[first[sel]]), cats[sel])
+    return loss
+
 def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, epochs: int = EPOCHS) -> dict[str, np.ndarray]:
     """Fit the n-gram part, the MLP and the category head jointly (torch, CPU, deterministic).
 
@@ -613,19 +636,9 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
             keep = (torch.rand(len(ex), generator=gen) >= LIN_DROPOUT).float()[owner]
             hidden = torch.relu(mlp1(x_all[win]))
             logits = dense(d_all[win]).squeeze(1) + keep * linear + mlp2(hidden).squeeze(1)
-            best = torch.full((len(ex),), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
             y = y_all[ex]
             weight = torch.where(y == 1, w_pos, w_neg) * (n / 2.0)
-            loss = (weight * nn.functional.binary_cross_entropy_with_logits(best, y, reduction="none")).mean()
-            # category head: on the deciding window of each harmful example
-            cats = cat_all[ex]
-            if bool((cats >= 0).any()):
-                first = torch.full((len(ex),), -1, dtype=torch.int64)
-                is_best = (logits == best[owner]).nonzero().squeeze(1)
-                first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
-                sel = (cats >= 0) & (first >= 0)
-                if bool(sel.any()):
-                    loss = loss + CAT_WEIGHT * nn.functional.cross_entropy(cat(hidden[first[sel]]), cats[sel])
+            loss = _mil_loss(logits, owner, y, weight, cat_all[ex], hidden, cat, CAT_WEIGHT)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -714,17 +727,8 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
         hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         logits = head(pooled).squeeze(1)
-        best = torch.full((len(idx),), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
         yy = y[idx]
-        loss = (torch.where(yy == 1, w_pos, w_neg) * nn.functional.binary_cross_entropy_with_logits(best, yy, reduction="none")).mean()
-        c = cats[idx]
-        if bool((c >= 0).any()):
-            first = torch.full((len(idx),), -1, dtype=torch.long)
-            is_best = (logits == best[owner]).nonzero().squeeze(1)
-            first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
-            sel = (c >= 0) & (first >= 0)
-            if bool(sel.any()):
-                loss = loss + ENC_CAT_WEIGHT * nn.functional.cross_entropy(cat(pooled[first[sel]]), c[sel])
+        loss = _mil_loss(logits, owner, yy, torch.where(yy == 1, w_pos, w_neg), cats[idx], pooled, cat, ENC_CAT_WEIGHT)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
