@@ -60,7 +60,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "3ad942de3588c26815064ab9e5d5b3d7e0a4a2bfcbc97f176f72447e3202e7e9"
+WEIGHTS_SHA256 = "ee1efc5ab1567246aafe1e69c39487e1c8b2c339e93d60b57c41c3c17aa8b5c3"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~30 ms each on one core); longer texts: where the n-gram part scores highest
@@ -85,6 +85,7 @@ class TextScore:
     features: Features
     pooled: np.ndarray | None = None  # the encoder's mean hidden state of its deciding window
     parts: tuple[float, float] = (0.0, 0.0)  # the n-gram part's and the encoder's own logits
+    windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
 
 
 def _sigmoid(x: float) -> float:
@@ -115,7 +116,8 @@ class ScreenModel:
             self.cat_b = tensors["cat.b"].astype(np.float32)
             self.encoder = Encoder(tensors, vocab, int(meta["encoder_heads"]))
             stack = json.loads(meta["stack"])
-            self.stack_cheap, self.stack_enc, self.stack_bias = (float(stack[k]) for k in ("cheap", "encoder", "bias"))
+            self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length = (
+                float(stack[k]) for k in ("cheap", "encoder", "bias", "length"))
             self.threshold = float(meta["threshold"])
             self.output_threshold = float(meta["output_threshold"])
             self.context_margin = float(meta["context_margin"])
@@ -144,12 +146,14 @@ class ScreenModel:
         starts, ends = word_spans(feats.n_words)
         cheap = self.cheap_logits(feats, starts, ends)
         i = int(np.argmax(cheap))
-        windows, first_word = self._encoder_windows(feats, starts, ends, cheap)
+        windows, total = self._encoder_windows(feats, starts, ends, cheap)
         pooled = self.encoder.pooled(windows)
         enc = self.encoder.harm_logits(pooled)
         j = int(np.argmax(enc))
         logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
-        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])))
+        # a max over more windows is higher on benign text too: the bar rises with log2(windows)
+        logit -= self.stack_length * math.log2(total)
+        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
     def cheap_logits(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Logit of the n-gram + static-vector part on each word span."""
@@ -161,13 +165,14 @@ class ScreenModel:
         return float(feats.dense @ self.w_dense) + self.b + linear + self.hidden(feats, starts, ends) @ self.w2 + self.b2
 
     def _encoder_windows(self, feats: Features, starts: np.ndarray, ends: np.ndarray,
-                         cheap: np.ndarray) -> tuple[list[list[int]], list[int]]:
-        """The encoder's token windows; past MAX_ENCODER_WINDOWS, those where the n-gram part scores highest."""
+                         cheap: np.ndarray) -> tuple[list[list[int]], int]:
+        """The encoder's token windows (past MAX_ENCODER_WINDOWS, those where the n-gram part scores
+        highest) and how many windows the whole text spans."""
         per_word = [self.encoder.vocab.word_ids(w) for w in feats.words]
         ids = [i for p in per_word for i in p]
         windows = token_windows(ids, self.encoder.cls_id, self.encoder.sep_id)
         if len(windows) <= MAX_ENCODER_WINDOWS:
-            return windows, []
+            return windows, len(windows)
         # word index of each token, then each token window's best overlapping n-gram window
         word_of_tok = np.repeat(np.arange(len(per_word)), [len(p) for p in per_word])
         tok_starts = np.arange(len(windows)) * ENC_STRIDE
@@ -175,7 +180,7 @@ class ScreenModel:
         w_hi = word_of_tok[np.minimum(tok_starts + ENC_MAX_TOKENS - 3, len(ids) - 1)] + 1
         prio = np.array([cheap[(starts < hi) & (ends > lo)].max(initial=-1e9) for lo, hi in zip(w_lo, w_hi)])
         keep = sorted(np.argsort(-prio, kind="stable")[:MAX_ENCODER_WINDOWS].tolist())
-        return [windows[k] for k in keep], keep
+        return [windows[k] for k in keep], len(windows)
 
     def category(self, scored: TextScore) -> tuple[str, float]:
         """Most likely hazard category: the encoder's category head on its deciding window."""

@@ -658,7 +658,7 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
 
 
 ENC_LAYERS = 3  # first layers of all-MiniLM-L6-v2 kept (latency: ~4 ms for a chat prompt on one core)
-ENC_EPOCHS = 1.0
+ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
 ENC_CAT_WEIGHT = 0.3
@@ -767,7 +767,7 @@ def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndar
 
 def _meta(threshold: float, stack: dict[str, float] | None = None) -> dict[str, str]:
     return {
-        "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0}, sort_keys=True),
+        "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0, "length": 0.0}, sort_keys=True),
         "encoder_heads": "12",
         "format": "vault-guard-screen/2",
         "version": "screen-2",
@@ -797,8 +797,15 @@ def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
 
 
 def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, float], float]:
-    """Weights of the two parts (logistic regression on dev, balanced) and the threshold at TARGET_DEV_FPR."""
-    parts = np.array([model.score(e.text).parts for e in dev])
+    """Weights of the two parts (logistic regression on dev, balanced), the length term and the threshold.
+
+    Calibrated per length: the threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window)
+    benign dev texts; the length term is the smallest ``c`` (step 0.05) such that, with
+    ``logit - c·log2(windows)``, longer benign dev texts are blocked no more often than that.
+    """
+    scores = [model.score(e.text) for e in dev]
+    parts = np.array([s.parts for s in scores])
+    log_windows = np.log2(np.array([s.windows for s in scores], dtype=np.float64))
     y = np.array([e.label for e in dev], dtype=np.float64)
     x = np.column_stack([parts, np.ones(len(y))])
     sw = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
@@ -808,15 +815,23 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, float], fl
         grad = x.T @ (sw * (p - y)) + 1e-4 * theta
         hess = (x * (sw * p * (1 - p))[:, None]).T @ x + 1e-4 * np.eye(3)
         theta -= np.linalg.solve(hess, grad)
-    z = x @ theta
+    long_benign = (y == 0) & (log_windows > 0)
+    # chat-sized texts (one window) set the threshold; the length term brings longer ones to the same FPR
+    t = float(np.quantile((x @ theta)[(y == 0) & (log_windows == 0)], 1.0 - TARGET_DEV_FPR))
+    for c in np.arange(0.0, 3.0001, 0.05):
+        z = x @ theta - c * log_windows
+        if not long_benign.any() or np.mean(z[long_benign] >= t) <= TARGET_DEV_FPR:
+            break
     benign, harmful = z[y == 0], z[y == 1]
-    t = float(np.quantile(benign, 1.0 - TARGET_DEV_FPR))
-    print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}; threshold {t:.3f}: "
-          f"FPR {np.mean(benign >= t):.3f}, recall {np.mean(harmful >= t):.3f}", file=sys.stderr)
+    long_h = (y == 1) & (log_windows > 0)
+    print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}, length {c:.2f}; "
+          f"threshold {t:.3f}: FPR {np.mean(benign >= t):.3f}, recall {np.mean(harmful >= t):.3f}; multi-window texts: "
+          f"FPR {np.mean(z[long_benign] >= t):.3f} (n={int(long_benign.sum())}), recall {np.mean(z[long_h] >= t):.3f} "
+          f"(n={int(long_h.sum())})", file=sys.stderr)
     for name, col in (("n-gram part", 0), ("encoder", 1)):
         tb = np.quantile(parts[y == 0, col], 1.0 - TARGET_DEV_FPR)
         print(f"  {name} alone at the same dev FPR: recall {np.mean(parts[y == 1, col] >= tb):.3f}", file=sys.stderr)
-    return {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": float(theta[2])}, t
+    return {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": float(theta[2]), "length": round(float(c), 2)}, t
 
 
 def _report(model: ScreenModel, sets: dict[str, list[Example]]) -> None:
@@ -841,6 +856,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--evaluate-only", action="store_true", help="report dev and held-out numbers, write nothing")
     parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
+    parser.add_argument("--restack", action="store_true",
+                        help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     import torch
@@ -850,9 +867,14 @@ def main(argv: list[str] | None = None) -> int:
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    vocab, table = static_table([e.text for e in train_set])
-    tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
-    tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
+    if args.restack:
+        from safetensors.numpy import load_file
+
+        tensors = dict(load_file(str(args.out / "screen.safetensors")))
+    else:
+        vocab, table = static_table([e.text for e in train_set])
+        tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
+        tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
     model = ScreenModel(tensors, _meta(threshold, stack))
