@@ -89,11 +89,17 @@ def screen_cmd(as_output: bool, to_log: bool) -> None:
         sys.exit(2)
 
 
+def _length_bucket(tokens: int) -> str:
+    return "chat" if tokens < 127 else "mid" if tokens < 1000 else "long"
+
+
 @guard_group.command("eval")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A JSONL file of {set, prompt, label} rows (default: the shipped held-out data).")
+@click.option("--by-length", is_flag=True,
+              help="Split every set by prompt length: chat (< 127 WordPiece tokens), mid (127-999), long (1,000+).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def eval_cmd(data: Path | None, as_json: bool) -> None:
+def eval_cmd(data: Path | None, by_length: bool, as_json: bool) -> None:
     """Recall, false-positive rate and latency on held-out prompts.
 
     The shipped held-out data was never used for training: held-out written requests,
@@ -104,7 +110,10 @@ def eval_cmd(data: Path | None, as_json: bool) -> None:
     from runtime.guard.screen import evaluate, load_heldout, load_model
 
     model = load_model()
-    table = evaluate(model, load_heldout(data))
+    rows_in = load_heldout(data)
+    if by_length:
+        rows_in = [{**r, "set": f"{r['set']} [{_length_bucket(model.tokens(r['prompt']))}]"} for r in rows_in]
+    table = evaluate(model, rows_in)
     if as_json:
         print_json({"guard": model.version, "sets": table})
         return

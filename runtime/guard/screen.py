@@ -156,6 +156,10 @@ class ScreenModel:
         logit -= self.stack_length * math.log2(min(total, MAX_ENCODER_WINDOWS))
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
+    def tokens(self, text: str) -> int:
+        """WordPiece tokens the encoder would read for ``text`` (before windowing)."""
+        return len(self.encoder.ids(featurize(text).words))
+
     def cheap_logits(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """Logit of the n-gram + static-vector part on each word span."""
         n = feats.n_words
@@ -316,7 +320,7 @@ def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]]) -> list[dict
     """Per-set recall (harmful sets) or false-positive rate (benign sets) and latency.
 
     Latency is wall time of :func:`screen_messages` per prompt, in this process, measured
-    once per prompt (the caller decides threads); tokens are approximated as words * 1.3.
+    once per prompt (the caller decides threads); tokens are the encoder's WordPiece tokens.
     """
     by_set: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -335,12 +339,12 @@ def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]]) -> list[dict
                 cat_hits += verdict.category == row["category"]
         harmful = all(int(r["label"]) == 1 for r in items)
         ms = np.array(times) * 1000.0
-        words = np.array([len(str(r["prompt"]).split()) for r in items])
+        tokens = np.array([model.tokens(str(r["prompt"])) for r in items])
         table.append({
             "set": name, "n": len(items), "kind": "harmful" if harmful else "benign",
             "metric": "recall" if harmful else "fpr", "value": blocked / len(items),
             "category_accuracy": (cat_hits / cat_total) if cat_total else None,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "median_tokens": float(np.median(words) * 1.3),
+            "median_tokens": float(np.median(tokens)),
         })
     return table
