@@ -89,10 +89,6 @@ def screen_cmd(as_output: bool, to_log: bool) -> None:
         sys.exit(2)
 
 
-def _length_bucket(tokens: int) -> str:
-    return "chat" if tokens < 127 else "mid" if tokens < 1000 else "long"
-
-
 @guard_group.command("eval")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A JSONL file of {set, prompt, label} rows (default: the shipped held-out data).")
@@ -110,10 +106,7 @@ def eval_cmd(data: Path | None, by_length: bool, as_json: bool) -> None:
     from runtime.guard.screen import evaluate, load_heldout, load_model
 
     model = load_model()
-    rows_in = load_heldout(data)
-    if by_length:
-        rows_in = [{**r, "set": f"{r['set']} [{_length_bucket(model.tokens(r['prompt']))}]"} for r in rows_in]
-    table = evaluate(model, rows_in)
+    table = evaluate(model, load_heldout(data), by_length=by_length)
     if as_json:
         print_json({"guard": model.version, "sets": table})
         return

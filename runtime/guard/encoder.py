@@ -64,11 +64,12 @@ class Encoder:
     ``enc.encoder.layer.N.attention.self.query.weight``, ...); linear weights are (out, in).
     """
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], vocab: Sequence[str], n_heads: int) -> None:
+    def __init__(self, tensors: Mapping[str, np.ndarray], vocab: StaticEmbedding, n_heads: int) -> None:
+        """``vocab``: the WordPiece vocabulary (and its word cache) shared with the static-vector part."""
         def t(name: str) -> np.ndarray:
             return np.asarray(tensors["enc." + name], dtype=np.float32)
 
-        self.vocab = StaticEmbedding(vocab, np.zeros((len(vocab), 1), dtype=np.float32))
+        self.vocab = vocab
         self.cls_id, self.sep_id = self.vocab.index["[CLS]"], self.vocab.index["[SEP]"]
         # int8 rows with a float32 scale per row (the bulk of the weights); dequantised per lookup
         self.word_q = np.asarray(tensors["enc.embeddings.word_embeddings.q"], dtype=np.int8)
@@ -97,8 +98,9 @@ class Encoder:
         self.harm_w, self.harm_b = t("head.weight")[0], float(t("head.bias")[0])
         self.cat_w, self.cat_b = t("cat.weight").T.copy(), t("cat.bias")
         self.dims = self.pos.shape[1]
-        if not self.layers or self.dims % n_heads or self.word_q.shape != (len(vocab), self.dims) \
-                or self.word_scale.shape != (len(vocab),):
+        n_vocab = vocab.table.shape[0]
+        if not self.layers or self.dims % n_heads or self.word_q.shape != (n_vocab, self.dims) \
+                or self.word_scale.shape != (n_vocab,):
             raise ValueError("malformed encoder weights")
 
     def ids(self, words: Sequence[str]) -> list[int]:

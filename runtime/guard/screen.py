@@ -114,7 +114,7 @@ class ScreenModel:
             self.b2 = float(tensors["mlp.b2"][0])
             self.cat_w = tensors["cat.w"].astype(np.float32)
             self.cat_b = tensors["cat.b"].astype(np.float32)
-            self.encoder = Encoder(tensors, vocab, int(meta["encoder_heads"]))
+            self.encoder = Encoder(tensors, self.embedding, int(meta["encoder_heads"]))
             stack = json.loads(meta["stack"])
             self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length = (
                 float(stack[k]) for k in ("cheap", "encoder", "bias", "length"))
@@ -316,18 +316,26 @@ def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def length_bucket(tokens: int) -> str:
+    """chat (< 127 WordPiece tokens: one encoder window), mid (127-999) or long (1,000+)."""
+    return "chat" if tokens < ENC_MAX_TOKENS - 1 else "mid" if tokens < 1000 else "long"
+
+
+def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]], *, by_length: bool = False) -> list[dict[str, Any]]:
     """Per-set recall (harmful sets) or false-positive rate (benign sets) and latency.
 
     Latency is wall time of :func:`screen_messages` per prompt, in this process, measured
     once per prompt (the caller decides threads); tokens are the encoder's WordPiece tokens.
+    ``by_length`` splits every set by :func:`length_bucket` (``"direct [chat]"``, ...).
     """
-    by_set: dict[str, list[Mapping[str, Any]]] = {}
+    by_set: dict[str, list[tuple[Mapping[str, Any], int]]] = {}
     for row in rows:
-        by_set.setdefault(str(row["set"]), []).append(row)
+        n_tokens = model.tokens(str(row["prompt"]))
+        name = f"{row['set']} [{length_bucket(n_tokens)}]" if by_length else str(row["set"])
+        by_set.setdefault(name, []).append((row, n_tokens))
     table = []
     for name in sorted(by_set):
-        items = by_set[name]
+        items = [row for row, _ in by_set[name]]
         blocked, times, cat_hits, cat_total = 0, [], 0, 0
         for row in items:
             t0 = time.perf_counter()
@@ -339,7 +347,7 @@ def evaluate(model: ScreenModel, rows: Sequence[Mapping[str, Any]]) -> list[dict
                 cat_hits += verdict.category == row["category"]
         harmful = all(int(r["label"]) == 1 for r in items)
         ms = np.array(times) * 1000.0
-        tokens = np.array([model.tokens(str(r["prompt"])) for r in items])
+        tokens = np.array([n for _, n in by_set[name]])
         table.append({
             "set": name, "n": len(items), "kind": "harmful" if harmful else "benign",
             "metric": "recall" if harmful else "fpr", "value": blocked / len(items),
