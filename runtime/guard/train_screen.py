@@ -373,6 +373,7 @@ WRITTEN = DATA / "written"
 WRITTEN_HELDOUT_PCT = 25  # % of topics (and of wrapper families) held out
 WRITTEN_DEV_PCT = 15
 BLIND_FILE = "blind_eval.tsv"  # evaluation only: never trained on, never used for a threshold
+LONG_COMPOSITIONS = 400  # long (6-12 paragraph) training prompts per label; dev gets 15% as many
 
 
 def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
@@ -458,6 +459,17 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
                 pools[role].append(Example(_long(paras, ex.text, rng, 1, 4), label, ex.category, "long2"))
         for _ in range(int(600 * scale)):
             pools[role].append(Example(_long(paras, None, rng, 1, 6), 0, None, "long2"))
+        # long prompts (1,000+ tokens, as jailbreaks and pasted documents are): 6-12 paragraphs with one
+        # request among them, half of them framed by a wrapper; benign ones only by mild wrappers
+        for label, reqs in ((1, harm), (0, ok)):
+            for _ in range(int(LONG_COMPOSITIONS * scale)):
+                ex = rng.choice(reqs)
+                text = ex.text
+                if rng.random() < 0.5:
+                    text = _wrap(rng.choice(strong + mild if label else mild), text)
+                pools[role].append(Example(_long(paras, text, rng, 6, 12), label, ex.category, "long3"))
+        for _ in range(int(LONG_COMPOSITIONS / 3 * scale)):
+            pools[role].append(Example(_long(paras, None, rng, 6, 12), 0, None, "long3"))
 
     blind: dict[str, list[Example]] = {}
     for label_name, cat, _topic, text, kind in _written_rows(BLIND_FILE, fields=5):
