@@ -373,7 +373,7 @@ WRITTEN = DATA / "written"
 WRITTEN_HELDOUT_PCT = 25  # % of topics (and of wrapper families) held out
 WRITTEN_DEV_PCT = 15
 BLIND_FILE = "blind_eval.tsv"  # evaluation only: never trained on, never used for a threshold
-LONG_COMPOSITIONS = 400  # long (6-12 paragraph) training prompts per label; dev gets 15% as many
+LONG_COMPOSITIONS = 300  # long (6-12 paragraph) training prompts per label; dev gets 15% as many
 
 
 def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
