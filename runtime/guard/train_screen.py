@@ -362,6 +362,11 @@ def build_datasets(shared: Path, seed: int = SEED) -> tuple[list[Example], list[
         sets["benign_wrapped"].append(Example(_long(held_paras, ex.text, rng, 6, 10), 0, None, "long2"))
     sets["benign_wrapped"].extend(written["personas"])
     sets.update(written["blind"])
+    # whole jailbreak prompts written as one request (harm_*_jailbreak.tsv) count as jailbreaks, not direct
+    # requests; moved last, so the samples drawn above (and the split) do not depend on it
+    whole = [e for e in sets["direct"] if e.source == "written2-jailbreak"]
+    sets["direct"] = [e for e in sets["direct"] if e.source != "written2-jailbreak"]
+    sets["jailbreak"] = sets["jailbreak"] + whole
     # a few prompts were written twice under different topics: never evaluate on a text trained on
     seen = {e.text.casefold() for e in pools["train"] + pools["dev"]}
     sets = {name: [e for e in exs if e.text.casefold() not in seen] for name, exs in sets.items()}
@@ -410,7 +415,8 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
     requests = []
     for path in sorted(WRITTEN.glob("*.tsv")):
         if path.name.startswith(("harm_", "benign_")) and path.name != "benign_personas.tsv":
-            kind = path.stem.split("_", 1)[1] if path.name.startswith("benign_") else "harmful"
+            kind = (path.stem.split("_", 1)[1] if path.name.startswith("benign_")
+                    else "jailbreak" if path.stem.endswith("_jailbreak") else "harmful")
             requests.extend((row, kind) for row in _written_rows(path.name))
     personas = [row for row in _written_rows("benign_personas.tsv")]
     wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
