@@ -675,7 +675,7 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
     }
 
 
-ENC_LAYERS = 3  # first layers of all-MiniLM-L6-v2 kept (latency: ~4 ms for a chat prompt on one core)
+ENC_LAYERS = 6  # layers of all-MiniLM-L6-v2 kept: all of them (latency: ~6 ms for a chat prompt on one core)
 ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
@@ -742,8 +742,11 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
         for r, w in enumerate(flat):
             ids[r, : len(w)] = torch.tensor(w)
             mask[r, : len(w)] = 1.0
-        hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        # bfloat16 matmuls in the encoder (about 2x faster on CPUs with AVX512-BF16; the weights and
+        # the optimiser stay float32); pooling, heads and loss run in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         logits = head(pooled).squeeze(1)
         yy = y[idx]
         loss = _mil_loss(logits, owner, yy, torch.where(yy == 1, w_pos, w_neg), cats[idx], pooled, cat, ENC_CAT_WEIGHT)
