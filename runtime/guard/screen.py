@@ -60,7 +60,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "baa746a04d7ab16b9f0e213d2e9bdc8708d3cd44a129af746240e2b34291785a"
+WEIGHTS_SHA256 = "6c0eda01d1437df6ccfa2510782c731a62263063aaeab23a0dcb04cbce05be27"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~30 ms each on one core); longer texts: where the n-gram part scores highest
