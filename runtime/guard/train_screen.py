@@ -660,7 +660,7 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(ex)
+            total += float(loss.detach()) * len(ex)
         print(f"  epoch {epoch + 1}/{epochs}: loss {total / n:.4f}", file=sys.stderr)
     return {
         "harm.w": lin.weight.detach().numpy()[:, 0].astype(np.float32),
