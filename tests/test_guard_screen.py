@@ -29,6 +29,7 @@ from runtime.guard.screen import (
     CATEGORIES,
     WEIGHTS_PATH,
     WEIGHTS_SHA256,
+    ScreenModel,
     evaluate,
     load_heldout,
     load_model,
@@ -311,10 +312,23 @@ def test_heldout_regression_floor(model) -> None:
     assert table["xstest_safe"] <= 0.04  # 5/129 (7/129 with the 3-layer weights)
 
 
+def test_weights_without_multi_window_calibration_score_long_texts_as_before() -> None:
+    """Older weight files have no ``multi`` entry: texts of several windows use the chat-sized stack."""
+    from safetensors.numpy import load
+
+    data = WEIGHTS_PATH.read_bytes()
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    stack = json.loads(meta["stack"])
+    assert set(stack["multi"]) == {"cheap", "encoder", "bias", "length"}
+    old = ScreenModel(load(data), {**meta, "stack": json.dumps({k: v for k, v in stack.items() if k != "multi"})})
+    assert (old.multi_cheap, old.multi_enc, old.multi_bias, old.multi_length) == (
+        old.stack_cheap, old.stack_enc, old.stack_bias, old.stack_length)
+
+
 def test_long_texts_are_calibrated_apart(model) -> None:
     """The length term keeps long benign documents from being blocked for their length as often (42%
     before it), without giving up requests buried in them. Floors at today's numbers (DATA_CARD.md)."""
-    assert model.stack_length > 0
+    assert model.multi_length > 0 and model.multi_bias != model.stack_bias
     rows = [r for r in load_heldout() if r["set"] in ("jailbreak", "benign_wrapped") and model.tokens(r["prompt"]) >= 1000]
     table = {r["set"]: r for r in evaluate(model, rows)}
     assert table["benign_wrapped"]["n"] >= 25 and table["jailbreak"]["n"] >= 40

@@ -60,7 +60,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "6c0eda01d1437df6ccfa2510782c731a62263063aaeab23a0dcb04cbce05be27"
+WEIGHTS_SHA256 = "ec8c509a3e5596103ff46c1a88f1f60542c9534c4d97b3038106ec5089779f72"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~30 ms each on one core); longer texts: where the n-gram part scores highest
@@ -118,6 +118,10 @@ class ScreenModel:
             stack = json.loads(meta["stack"])
             self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length = (
                 float(stack[k]) for k in ("cheap", "encoder", "bias", "length"))
+            # texts of several encoder windows: their own weights (absent in older files: the same as chat-sized)
+            multi = stack.get("multi", {k: stack[k] for k in ("cheap", "encoder", "bias", "length")})
+            self.multi_cheap, self.multi_enc, self.multi_bias, self.multi_length = (
+                float(multi[k]) for k in ("cheap", "encoder", "bias", "length"))
             self.threshold = float(meta["threshold"])
             self.output_threshold = float(meta["output_threshold"])
             self.context_margin = float(meta["context_margin"])
@@ -150,10 +154,14 @@ class ScreenModel:
         pooled = self.encoder.pooled(windows)
         enc = self.encoder.harm_logits(pooled)
         j = int(np.argmax(enc))
-        logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
-        # a max over more windows is higher on benign text too: the bar rises with log2(windows), up to
-        # the MAX_ENCODER_WINDOWS the encoder reads
-        logit -= self.stack_length * math.log2(min(total, MAX_ENCODER_WINDOWS))
+        if total == 1:
+            logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
+        else:
+            # a max over more windows is higher on benign text too (the n-gram part's most of all: it reads
+            # every 48-word window): longer texts have their own weights, and the bar rises with
+            # log2(windows), up to the MAX_ENCODER_WINDOWS the encoder reads
+            logit = self.multi_cheap * float(cheap[i]) + self.multi_enc * float(enc[j]) + self.multi_bias
+            logit -= self.multi_length * math.log2(min(total, MAX_ENCODER_WINDOWS))
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
     def tokens(self, text: str) -> int:
