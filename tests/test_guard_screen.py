@@ -94,15 +94,19 @@ def test_shipped_weights_match_pinned_sha256_and_are_small() -> None:
     assert len(data) < 56 * 1024 * 1024  # encoder ~33 MiB (6 layers float16, int8 embeddings), static vectors ~15 MiB
 
 
-def test_shipped_weights_are_in_canonical_form() -> None:
-    """train_screen.serialize is order-independent, and the shipped file is its output (reproducible bytes)."""
+def _shipped_weights() -> tuple[bytes, dict[str, np.ndarray], dict[str, str]]:
+    """The shipped file's bytes, tensors and metadata (safetensors.numpy.load() drops the metadata)."""
     from safetensors.numpy import load
 
+    data = WEIGHTS_PATH.read_bytes()
+    return data, load(data), json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+
+
+def test_shipped_weights_are_in_canonical_form() -> None:
+    """train_screen.serialize is order-independent, and the shipped file is its output (reproducible bytes)."""
     from runtime.guard.train_screen import serialize
 
-    data = WEIGHTS_PATH.read_bytes()
-    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
-    tensors = load(data)
+    data, tensors, meta = _shipped_weights()
     assert serialize(tensors, meta) == data
     assert serialize(dict(reversed(list(tensors.items()))), dict(reversed(list(meta.items())))) == data
 
@@ -314,13 +318,10 @@ def test_heldout_regression_floor(model) -> None:
 
 def test_weights_without_multi_window_calibration_score_long_texts_as_before() -> None:
     """Older weight files have no ``multi`` entry: texts of several windows use the chat-sized stack."""
-    from safetensors.numpy import load
-
-    data = WEIGHTS_PATH.read_bytes()
-    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    _, tensors, meta = _shipped_weights()
     stack = json.loads(meta["stack"])
     assert set(stack["multi"]) == {"cheap", "encoder", "bias", "length"}
-    old = ScreenModel(load(data), {**meta, "stack": json.dumps({k: v for k, v in stack.items() if k != "multi"})})
+    old = ScreenModel(tensors, {**meta, "stack": json.dumps({k: v for k, v in stack.items() if k != "multi"})})
     assert (old.multi_cheap, old.multi_enc, old.multi_bias, old.multi_length) == (
         old.stack_cheap, old.stack_enc, old.stack_bias, old.stack_length)
 

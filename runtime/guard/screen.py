@@ -154,14 +154,15 @@ class ScreenModel:
         pooled = self.encoder.pooled(windows)
         enc = self.encoder.harm_logits(pooled)
         j = int(np.argmax(enc))
+        # a max over more windows is higher on benign text too (the n-gram part's most of all: it reads
+        # every 48-word window): longer texts have their own weights, and the bar rises with
+        # log2(windows), up to the MAX_ENCODER_WINDOWS the encoder reads (log2(1) = 0 for chat-sized texts)
         if total == 1:
-            logit = self.stack_cheap * float(cheap[i]) + self.stack_enc * float(enc[j]) + self.stack_bias
+            w_cheap, w_enc, bias, length = self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length
         else:
-            # a max over more windows is higher on benign text too (the n-gram part's most of all: it reads
-            # every 48-word window): longer texts have their own weights, and the bar rises with
-            # log2(windows), up to the MAX_ENCODER_WINDOWS the encoder reads
-            logit = self.multi_cheap * float(cheap[i]) + self.multi_enc * float(enc[j]) + self.multi_bias
-            logit -= self.multi_length * math.log2(min(total, MAX_ENCODER_WINDOWS))
+            w_cheap, w_enc, bias, length = self.multi_cheap, self.multi_enc, self.multi_bias, self.multi_length
+        logit = w_cheap * float(cheap[i]) + w_enc * float(enc[j]) + bias
+        logit -= length * math.log2(min(total, MAX_ENCODER_WINDOWS))
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
     def tokens(self, text: str) -> int:

@@ -871,14 +871,15 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
     long_b, long_h = (y == 0) & ~chat, (y == 1) & ~chat
     multi = {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": 0.0, "length": 0.0}
     if long_b.any():
+        weighed = theta[0] * parts[:, 0] + theta[1] * parts[:, 1]  # the stack without its bias
         best = -1.0
         for c in np.arange(0.0, 3.0001, 0.05):
-            zl = theta[0] * parts[:, 0] + theta[1] * parts[:, 1] - c * log_windows
+            zl = weighed - c * log_windows
             bias = t - float(np.quantile(zl[long_b], 1.0 - TARGET_DEV_FPR))
             recall = float(np.mean(zl[long_h] + bias >= t)) if long_h.any() else 0.0
             if recall > best + 1e-12:
                 best, multi["bias"], multi["length"] = recall, round(bias, 6), round(float(c), 2)
-        z = np.where(chat, z, theta[0] * parts[:, 0] + theta[1] * parts[:, 1] + multi["bias"] - multi["length"] * log_windows)
+        z = np.where(chat, z, weighed + multi["bias"] - multi["length"] * log_windows)
     benign, harmful = z[y == 0], z[y == 1]
     print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}, multi-window "
           f"{ {k: round(v, 3) for k, v in multi.items()} }; threshold {t:.3f}: FPR {np.mean(benign >= t):.3f}, recall "
