@@ -60,11 +60,14 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "ec8c509a3e5596103ff46c1a88f1f60542c9534c4d97b3038106ec5089779f72"
+WEIGHTS_SHA256 = "edeec367928679e40342d6e563cdc67a1b071df554fd22a86f0c4f151ee73578"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
 WINDOW_STRIDE = 16
+# the multi-window length term grows with log2(windows) up to this many windows (~1,500 tokens): the
+# n-gram part reads every window of a text, not just the MAX_ENCODER_WINDOWS the encoder reads
+LENGTH_CAP_WINDOWS = 16
 _CHUNK_CHARS = 100_000  # texts longer than this are screened chunk by chunk (bounded memory)
 
 # Output screen: generated text that reads like a procedure for a hazard. These raise the
@@ -122,6 +125,7 @@ class ScreenModel:
             multi = stack.get("multi", {k: stack[k] for k in ("cheap", "encoder", "bias", "length")})
             self.multi_cheap, self.multi_enc, self.multi_bias, self.multi_length = (
                 float(multi[k]) for k in ("cheap", "encoder", "bias", "length"))
+            self.multi_cap = int(multi.get("cap", MAX_ENCODER_WINDOWS))  # older files: the encoder's window cap
             self.threshold = float(meta["threshold"])
             self.output_threshold = float(meta["output_threshold"])
             self.context_margin = float(meta["context_margin"])
@@ -156,13 +160,13 @@ class ScreenModel:
         j = int(np.argmax(enc))
         # a max over more windows is higher on benign text too (the n-gram part's most of all: it reads
         # every 48-word window): longer texts have their own weights, and the bar rises with
-        # log2(windows), up to the MAX_ENCODER_WINDOWS the encoder reads (log2(1) = 0 for chat-sized texts)
+        # log2(windows), up to multi_cap windows (log2(1) = 0 for chat-sized texts)
         if total == 1:
             w_cheap, w_enc, bias, length = self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length
         else:
             w_cheap, w_enc, bias, length = self.multi_cheap, self.multi_enc, self.multi_bias, self.multi_length
         logit = w_cheap * float(cheap[i]) + w_enc * float(enc[j]) + bias
-        logit -= length * math.log2(min(total, MAX_ENCODER_WINDOWS))
+        logit -= length * math.log2(min(total, self.multi_cap))
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
 
     def tokens(self, text: str) -> int:

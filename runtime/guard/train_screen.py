@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
-from runtime.guard.screen import CATEGORIES, MAX_ENCODER_WINDOWS, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
+from runtime.guard.screen import CATEGORIES, LENGTH_CAP_WINDOWS, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
 
 __all__ = ["Example", "build_datasets", "train", "main"]
 
@@ -846,16 +846,17 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
 
     The threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window) benign dev texts. A max
     over more windows is higher on benign text too, the n-gram part's most of all (it reads every
-    48-word window, the encoder at most MAX_ENCODER_WINDOWS): longer texts get their own bias and a
-    length term, ``w_cheap·cheap + w_enc·enc + bias - length·log2(min(windows, MAX_ENCODER_WINDOWS))``
+    48-word window, and there are more of them the longer the text): longer texts get their own bias and
+    a length term, ``w_cheap·cheap + w_enc·enc + bias - length·log2(min(windows, LENGTH_CAP_WINDOWS))``
     (the chat-sized weights, their own bias); ``length`` (step 0.05)
     is the one with the best recall on the longer dev texts once ``bias`` brings their benign FPR to
-    TARGET_DEV_FPR under the same threshold (the previous rule, the smallest length term alone that did
-    so, cost long texts recall: dev 58.3% vs 64.9%).
+    TARGET_DEV_FPR under the same threshold (the smallest length term alone that did so cost long texts
+    recall: dev 58.3% vs 64.9%; capping the term at the encoder's 4 windows left texts of 11+ windows at
+    7.5% dev FPR).
     """
     scores = [model.score(e.text) for e in dev]
     parts = np.array([s.parts for s in scores])
-    log_windows = np.log2(np.minimum([s.windows for s in scores], MAX_ENCODER_WINDOWS).astype(np.float64))
+    log_windows = np.log2(np.minimum([s.windows for s in scores], LENGTH_CAP_WINDOWS).astype(np.float64))
     y = np.array([e.label for e in dev], dtype=np.float64)
     x = np.column_stack([parts, np.ones(len(y))])
     sw = np.where(y == 1, 0.5 / y.sum(), 0.5 / (len(y) - y.sum()))
@@ -869,7 +870,7 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
     t = float(np.quantile((x @ theta)[(y == 0) & chat], 1.0 - TARGET_DEV_FPR))
     z = x @ theta
     long_b, long_h = (y == 0) & ~chat, (y == 1) & ~chat
-    multi = {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": 0.0, "length": 0.0}
+    multi = {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": 0.0, "length": 0.0, "cap": LENGTH_CAP_WINDOWS}
     if long_b.any():
         weighed = theta[0] * parts[:, 0] + theta[1] * parts[:, 1]  # the stack without its bias
         best = -1.0
