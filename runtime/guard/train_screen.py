@@ -415,11 +415,13 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
     """
     requests = []
     for path in sorted(WRITTEN.glob("*.tsv")):
-        if path.name.startswith(("harm_", "benign_")) and path.name != "benign_personas.tsv":
+        if path.name.startswith(("harm_", "benign_")) and path.name not in _written_files("benign_personas"):
             kind = (path.stem.split("_", 1)[1] if path.name.startswith("benign_")
                     else "jailbreak" if path.stem.endswith("_jailbreak") else "harmful")
             requests.extend((row, kind) for row in _written_rows(path.name))
-    personas = [row for row in _written_rows("benign_personas.tsv")]
+    # whole benign prompts shaped like jailbreaks (benign_personas*.tsv): trained on as they are, held out
+    # into benign_wrapped, never wrapped or composed again
+    personas = [row for f in _written_files("benign_personas") for row in _written_rows(f)]
     wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
     for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
         if template.count("{req}") == 1 and strength in ("strong", "mild"):
