@@ -372,3 +372,29 @@ def test_encoder_batches_of_long_texts_are_split_into_bounded_passes() -> None:
     windows = dict(zip(idx, n_windows))
     assert all(sum(windows[i] for i in p) <= 96 or len(p) == 1 for p in parts)
     assert _passes([1, 2, 3], [1, 1, 1], 96) == [[1, 2, 3]]
+
+
+def test_stack_gives_long_texts_their_own_share_of_the_two_parts() -> None:
+    """When the n-gram part says nothing on long dev texts (a short request diluted in its 48-word window)
+    and the encoder does, the multi-window weights lean on the encoder, keep the chat-sized sum, and hold
+    the long benign texts at the dev FPR under the chat-sized threshold."""
+    from types import SimpleNamespace
+
+    from runtime.guard.train_screen import TARGET_DEV_FPR, Example, _stack
+
+    rng = np.random.default_rng(0)
+    table: dict[str, SimpleNamespace] = {}
+    dev = []
+    for i in range(20000):
+        label, long = i % 2, i >= 18000
+        cheap = 2.0 * rng.normal() if long else 3.0 * label + rng.normal()
+        table[f"t{i}"] = SimpleNamespace(parts=(cheap, 3.0 * label + rng.normal()), windows=8 if long else 1)
+        dev.append(Example(f"t{i}", label, None, "test"))
+    stack, threshold = _stack(SimpleNamespace(score=lambda text: table[text]), dev)
+    multi = stack["multi"]
+    share = stack["encoder"] / (stack["cheap"] + stack["encoder"])  # chat-sized: both parts count
+    assert multi["encoder"] / (multi["cheap"] + multi["encoder"]) > max(0.85, share + 0.1)
+    assert multi["cheap"] + multi["encoder"] == pytest.approx(stack["cheap"] + stack["encoder"], abs=1e-5)
+    z = [multi["cheap"] * p.parts[0] + multi["encoder"] * p.parts[1] + multi["bias"] - multi["length"] * 3.0
+         for k, p in table.items() if p.windows == 8 and dev[int(k[1:])].label == 0]
+    assert np.mean(np.array(z) >= threshold) == pytest.approx(TARGET_DEV_FPR, abs=0.01)

@@ -848,13 +848,14 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
 
     The threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window) benign dev texts. A max
     over more windows is higher on benign text too, the n-gram part's most of all (it reads every
-    48-word window, and there are more of them the longer the text): longer texts get their own bias and
-    a length term, ``w_cheap·cheap + w_enc·enc + bias - length·log2(min(windows, LENGTH_CAP_WINDOWS))``
-    (the chat-sized weights, their own bias); ``length`` (step 0.05)
-    is the one with the best recall on the longer dev texts once ``bias`` brings their benign FPR to
-    TARGET_DEV_FPR under the same threshold (the smallest length term alone that did so cost long texts
-    recall: dev 58.3% vs 64.9%; capping the term at the encoder's 4 windows left texts of 11+ windows at
-    7.5% dev FPR).
+    48-word window, and there are more of them the longer the text), and a short request buried in a
+    48-word window of other text moves the n-gram part less than the encoder: longer texts get their own
+    weights, bias and length term, ``w_cheap·cheap + w_enc·enc + bias - length·log2(min(windows,
+    LENGTH_CAP_WINDOWS))``, where ``w_cheap + w_enc`` is the chat-sized sum and the encoder's share
+    (step 0.05) and ``length`` (step 0.05) are the pair with the best recall on the longer dev texts once
+    ``bias`` brings their benign FPR to TARGET_DEV_FPR under the same threshold (the smallest length term
+    alone that did so cost long texts recall: dev 58.3% vs 64.9%; capping the term at the encoder's 4
+    windows left texts of 11+ windows at 7.5% dev FPR; the chat-sized share alone: docs/experiments).
     """
     scores = [model.score(e.text) for e in dev]
     parts = np.array([s.parts for s in scores])
@@ -874,14 +875,19 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
     long_b, long_h = (y == 0) & ~chat, (y == 1) & ~chat
     multi = {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": 0.0, "length": 0.0, "cap": LENGTH_CAP_WINDOWS}
     if long_b.any():
-        weighed = theta[0] * parts[:, 0] + theta[1] * parts[:, 1]  # the stack without its bias
+        total = float(theta[0] + theta[1])
         best = -1.0
-        for c in np.arange(0.0, 3.0001, 0.05):
-            zl = weighed - c * log_windows
-            bias = t - float(np.quantile(zl[long_b], 1.0 - TARGET_DEV_FPR))
-            recall = float(np.mean(zl[long_h] + bias >= t)) if long_h.any() else 0.0
-            if recall > best + 1e-12:
-                best, multi["bias"], multi["length"] = recall, round(bias, 6), round(float(c), 2)
+        for share in np.arange(0.0, 1.0001, 0.05):  # the encoder's share of the two parts' weight
+            w_cheap, w_enc = round(total * (1.0 - float(share)), 6), round(total * float(share), 6)
+            weighed = w_cheap * parts[:, 0] + w_enc * parts[:, 1]
+            for c in np.arange(0.0, 3.0001, 0.05):
+                zl = weighed - c * log_windows
+                bias = t - float(np.quantile(zl[long_b], 1.0 - TARGET_DEV_FPR))
+                recall = float(np.mean(zl[long_h] + bias >= t)) if long_h.any() else 0.0
+                if recall > best + 1e-12:
+                    best = recall
+                    multi.update(cheap=w_cheap, encoder=w_enc, bias=round(bias, 6), length=round(float(c), 2))
+        weighed = multi["cheap"] * parts[:, 0] + multi["encoder"] * parts[:, 1]
         z = np.where(chat, z, weighed + multi["bias"] - multi["length"] * log_windows)
     benign, harmful = z[y == 0], z[y == 1]
     print(f"dev: {len(benign)} benign, {len(harmful)} harmful; stack {theta.round(3).tolist()}, multi-window "
