@@ -397,6 +397,7 @@ def test_stack_gives_long_texts_their_own_share_of_the_two_parts() -> None:
     share = stack["encoder"] / (stack["cheap"] + stack["encoder"])  # chat-sized: both parts count
     assert multi["encoder"] / (multi["cheap"] + multi["encoder"]) > max(0.85, share + 0.1)
     assert multi["cheap"] + multi["encoder"] == pytest.approx(stack["cheap"] + stack["encoder"], abs=1e-5)
-    z = [multi["cheap"] * p.parts[0] + multi["encoder"] * p.parts[1] + multi["bias"] - multi["length"] * 3.0
-         for k, p in table.items() if p.windows == 8 and dev[int(k[1:])].label == 0]
+    long_benign = [table[e.text].parts for e in dev if table[e.text].windows == 8 and e.label == 0]
+    z = [multi["cheap"] * cheap + multi["encoder"] * enc + multi["bias"] - multi["length"] * np.log2(8)
+         for cheap, enc in long_benign]
     assert np.mean(np.array(z) >= threshold) == pytest.approx(TARGET_DEV_FPR, abs=0.01)
