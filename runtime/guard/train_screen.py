@@ -41,8 +41,11 @@ __all__ = ["Example", "build_datasets", "train", "main"]
 SEED = 20261125
 DATA = Path(__file__).resolve().parent / "data"
 HELDOUT_PCT = 30  # % of written requests held out (by hash of the request text)
-DEV_PCT = 15  # % of the remaining ones used to pick the threshold, then trained on
-TARGET_DEV_FPR = 0.03
+DEV_PCT = 15  # % used to weigh the two parts and pick the threshold (dev), never trained on
+# share of chat-sized benign dev texts the threshold blocks. The issue allows 3% on everyday requests;
+# with a 3% dev target, held-out landed between 2.6% and 3.4% in earlier rounds, so the target keeps
+# half a point of margin (decided before round 10's held-out numbers were seen: docs/experiments)
+TARGET_DEV_FPR = 0.025
 CONTEXT_MARGIN = 1.0  # a context window must beat the threshold by this much (logit) to block
 OUTPUT_MARGIN = 0.5  # generated text is longer and noisier than prompts: a stricter threshold
 
