@@ -46,6 +46,9 @@ DEV_PCT = 15  # % used to weigh the two parts and pick the threshold (dev), neve
 # with a 3% dev target, held-out landed between 2.6% and 3.4% in earlier rounds, so the target keeps
 # half a point of margin (decided before round 10's held-out numbers were seen: docs/experiments)
 TARGET_DEV_FPR = 0.025
+# the multi-window rule's pair is scored on this many bootstrap resamples of the dev texts (fixed seed)
+STACK_BOOTSTRAPS = 50
+STACK_BOOT_SEED = 20261127
 CONTEXT_MARGIN = 1.0  # a context window must beat the threshold by this much (logit) to block
 OUTPUT_MARGIN = 0.5  # generated text is longer and noisier than prompts: a stricter threshold
 
@@ -382,7 +385,10 @@ WRITTEN = DATA / "written"
 WRITTEN_HELDOUT_PCT = 25  # % of topics (and of wrapper families) held out
 WRITTEN_DEV_PCT = 15
 BLIND_FILE = "blind_eval.tsv"  # evaluation only: never trained on, never used for a threshold
-LONG_COMPOSITIONS = 300  # long (6-12 paragraph) training prompts per label; dev gets 15% as many
+LONG_COMPOSITIONS = 300  # long (6-12 paragraph) training prompts per label
+# dev's long prompts per label: they pin the multi-window rule's length term (45, 15% of train, left it
+# poorly pinned: docs/experiments); dev is only scored, so more of them cost seconds, not training time
+DEV_LONG_COMPOSITIONS = 150
 
 
 def _written_rows(name: str, fields: int = 4) -> list[list[str]]:
@@ -473,14 +479,15 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
             pools[role].append(Example(_long(paras, None, rng, 1, 6), 0, None, "long2"))
         # long prompts (1,000+ tokens, as jailbreaks and pasted documents are): 6-12 paragraphs with one
         # request among them, half of them framed by a wrapper; benign ones only by mild wrappers
+        n_long = LONG_COMPOSITIONS if role == "train" else DEV_LONG_COMPOSITIONS
         for label, reqs in ((1, harm), (0, ok)):
-            for _ in range(int(LONG_COMPOSITIONS * scale)):
+            for _ in range(n_long):
                 ex = rng.choice(reqs)
                 text = ex.text
                 if rng.random() < 0.5:
                     text = _wrap(rng.choice(strong + mild if label else mild), text)
                 pools[role].append(Example(_long(paras, text, rng, 6, 12), label, ex.category, "long3"))
-        for _ in range(int(LONG_COMPOSITIONS / 3 * scale)):
+        for _ in range(n_long // 3):
             pools[role].append(Example(_long(paras, None, rng, 6, 12), 0, None, "long3"))
 
     blind: dict[str, list[Example]] = {}
@@ -856,7 +863,8 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
     weights, bias and length term, ``w_cheap·cheap + w_enc·enc + bias - length·log2(min(windows,
     LENGTH_CAP_WINDOWS))``, where ``w_cheap + w_enc`` is the chat-sized sum and the encoder's share
     (step 0.05) and ``length`` (step 0.05) are the pair with the best recall on the longer dev texts once
-    ``bias`` brings their benign FPR to TARGET_DEV_FPR under the same threshold (the smallest length term
+    ``bias`` brings their benign FPR to TARGET_DEV_FPR under the same threshold, recall averaged over
+    STACK_BOOTSTRAPS resamples of those texts (the smallest length term
     alone that did so cost long texts recall: dev 58.3% vs 64.9%; capping the term at the encoder's 4
     windows left texts of 11+ windows at 7.5% dev FPR; the chat-sized share alone: docs/experiments).
     """
@@ -879,16 +887,26 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
     multi = {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": 0.0, "length": 0.0, "cap": LENGTH_CAP_WINDOWS}
     if long_b.any():
         total = float(theta[0] + theta[1])
+        # the pair is scored by its mean recall over bootstrap resamples of the multi-window dev texts (each
+        # resample with its own bias), not on dev once: the surface is flat and one fit picks a corner of it
+        rng = np.random.default_rng(STACK_BOOT_SEED)
+        ib = rng.integers(0, int(long_b.sum()), size=(STACK_BOOTSTRAPS, int(long_b.sum())))
+        ih = rng.integers(0, max(int(long_h.sum()), 1), size=(STACK_BOOTSTRAPS, max(int(long_h.sum()), 1)))
         best = -1.0
         for share in np.arange(0.0, 1.0001, 0.05):  # the encoder's share of the two parts' weight
             w_cheap, w_enc = round(total * (1.0 - float(share)), 6), round(total * float(share), 6)
             weighed = w_cheap * parts[:, 0] + w_enc * parts[:, 1]
             for c in np.arange(0.0, 3.0001, 0.05):
                 zl = weighed - c * log_windows
-                bias = t - float(np.quantile(zl[long_b], 1.0 - TARGET_DEV_FPR))
-                recall = float(np.mean(zl[long_h] + bias >= t)) if long_h.any() else 0.0
+                zb, zh = zl[long_b], zl[long_h]
+                if not long_h.any():
+                    recall = 0.0
+                else:
+                    biases = t - np.quantile(zb[ib], 1.0 - TARGET_DEV_FPR, axis=1)
+                    recall = float(np.mean(zh[ih] + biases[:, None] >= t))
                 if recall > best + 1e-12:
                     best = recall
+                    bias = t - float(np.quantile(zb, 1.0 - TARGET_DEV_FPR))
                     multi.update(cheap=w_cheap, encoder=w_enc, bias=round(bias, 6), length=round(float(c), 2))
         weighed = multi["cheap"] * parts[:, 0] + multi["encoder"] * parts[:, 1]
         z = np.where(chat, z, weighed + multi["bias"] - multi["length"] * log_windows)
