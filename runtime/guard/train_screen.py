@@ -689,7 +689,22 @@ def train(examples: list[Example], emb: StaticEmbedding, *, seed: int = SEED, ep
 
 
 ENC_LAYERS = 6  # all-MiniLM-L6-v2 layers kept (latency: ~6 ms for a chat prompt on one core; 3 layers: ~3 ms)
-ENC_BF16 = True  # encoder matmuls in bfloat16 autocast (the shipped weights were trained so)
+ENC_BF16 = True  # encoder matmuls in bfloat16 autocast (the shipped weights were trained so, on an AVX512-BF16 CPU)
+# CPU flags under which bfloat16 matmuls run natively; elsewhere torch emulates them: one 32 x 128-token step of
+# the 6-layer encoder took 73 s in bfloat16 against 3.0 s in float32 on an AVX2-only AMD EPYC (24x slower;
+# bench/guard_train_bf16.py)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (Linux: a flag in /proc/cpuinfo; elsewhere: assume not)."""
+    try:
+        flags = cpuinfo.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
 ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
@@ -946,13 +961,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-epochs", type=float, default=ENC_EPOCHS, help="passes of the encoder fine-tune over train")
     parser.add_argument("--encoder-layers", type=int, default=ENC_LAYERS, choices=range(1, 7),
                         help=f"all-MiniLM-L6-v2 layers to keep and fine-tune (default {ENC_LAYERS}, the shipped weights)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=ENC_BF16,
-                        help="encoder matmuls in bfloat16 autocast (default on, the shipped weights; ~2x faster on "
-                             "AVX512-BF16 CPUs, slower elsewhere)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="encoder matmuls in bfloat16 autocast (as the shipped weights were trained; ~2x faster on "
+                             "AVX512-BF16/AMX CPUs, ~24x SLOWER elsewhere, where torch emulates it); default: on only "
+                             "where the CPU has it")
     parser.add_argument("--restack", action="store_true",
                         help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    if args.bf16 is None:
+        args.bf16 = ENC_BF16 and cpu_has_bf16()
+        if ENC_BF16 and not args.bf16:
+            print("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): training the encoder in float32 "
+                  "(weights will differ from the shipped ones; --bf16 forces it, about 24x slower here)", file=sys.stderr)
     import torch
 
     torch.set_num_threads(2)
