@@ -40,9 +40,10 @@ def main() -> int:
             enc.zero_grad()
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
+    native = cpu_has_bf16()
     result = {"bf16_s": round(best["bf16"], 3), "fp32_s": round(best["fp32"], 3),
-              "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2), "native_bf16": cpu_has_bf16(),
-              "train_screen_default": "bf16" if cpu_has_bf16() else "fp32"}
+              "bf16_over_fp32": round(best["bf16"] / best["fp32"], 2), "native_bf16": native,
+              "train_screen_default": "bf16" if native else "fp32"}
     if args.json:
         print(json.dumps(result))
     else:
