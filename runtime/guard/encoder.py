@@ -2,8 +2,10 @@
 
 The screen's transformer is the first layers of all-MiniLM-L6-v2 (Apache-2.0), fine-tuned by
 ``train_screen.py`` to tell harmful requests from benign ones, with a linear harm head and a
-hazard-category head on the mean of its last hidden states. This module runs it with numpy
-alone (no torch at run time), on CPU, on windows of at most ``MAX_TOKENS`` WordPiece tokens.
+hazard-category head on the mean of its last hidden states. It runs on CPU without torch, on
+windows of at most ``MAX_TOKENS`` WordPiece tokens: the transformer layers as an int8 onnxruntime
+graph (:mod:`encoder_int8`, the run-time path), or as the float32 numpy reference
+(:meth:`Encoder.reference_forward`) that calibrates the int8 graph and that tests hold it to.
 
 Tokenisation is the uncased BERT WordPiece over the words of :func:`features.featurize`
 (normalised: leetspeak, spacing and zero-width tricks undone; punctuation dropped), the same
@@ -15,10 +17,11 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.guard import encoder_int8
 from runtime.guard.features import StaticEmbedding
 
 __all__ = ["MAX_TOKENS", "STRIDE", "Encoder", "token_windows"]
@@ -64,8 +67,15 @@ class Encoder:
     ``enc.encoder.layer.N.attention.self.query.weight``, ...); linear weights are (out, in).
     """
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], vocab: StaticEmbedding, n_heads: int) -> None:
-        """``vocab``: the WordPiece vocabulary (and its word cache) shared with the static-vector part."""
+    def __init__(self, tensors: Mapping[str, np.ndarray], vocab: StaticEmbedding, n_heads: int, *,
+                 int8: bool = True) -> None:
+        """``vocab``: the WordPiece vocabulary (and its word cache) shared with the static-vector part.
+        ``int8``: run the layers as the int8 graph (needs the calibration tensors); else the float32
+        numpy reference (calibration itself, tests).
+
+        Raises:
+            ValueError: malformed weights, or ``int8`` without calibration.
+        """
         def t(name: str) -> np.ndarray:
             return np.asarray(tensors["enc." + name], dtype=np.float32)
 
@@ -102,6 +112,10 @@ class Encoder:
         if not self.layers or self.dims % n_heads or self.word_q.shape != (n_vocab, self.dims) \
                 or self.word_scale.shape != (n_vocab,):
             raise ValueError("malformed encoder weights")
+        self._session = None
+        if int8:
+            peaks = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items() if ".calib." in k}
+            self._session = encoder_int8.session(encoder_int8.build_graph(self.layers, peaks, self.dims, n_heads))
 
     def ids(self, words: Sequence[str]) -> list[int]:
         """WordPiece ids of normalised words."""
@@ -139,7 +153,8 @@ class Encoder:
         with self._lock:
             self._memo.clear()
 
-    def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+    def _embed(self, windows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Embedding layer output (windows, tokens, dims) of padded windows, and the padding mask."""
         n, length = len(windows), max(len(w) for w in windows)
         ids = np.zeros((n, length), dtype=np.int64)
         mask = np.zeros((n, length), dtype=np.float32)
@@ -147,11 +162,28 @@ class Encoder:
             ids[r, : len(w)] = w
             mask[r, : len(w)] = 1.0
         x = self.word_q[ids].astype(np.float32) * self.word_scale[ids][..., None] + self.pos[:length] + self.type0
-        x = _layer_norm(x, self.ln_g, self.ln_b)
+        return _layer_norm(x, self.ln_g, self.ln_b).astype(np.float32), mask
+
+    def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        if self._session is None:
+            return self.reference_forward(windows)
+        x, mask = self._embed(windows)
+        bias = ((1.0 - mask)[:, None, None, :] * np.float32(-1e9)).astype(np.float32)
+        y = self._session.run(None, {"x": x, "bias": bias})[0]
+        return (y * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+
+    def reference_forward(self, windows: Sequence[Sequence[int]],
+                          observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
+        """Pooled last hidden states in float32 numpy (no memo). ``observe(layer, kind, x)`` sees the
+        input of every linear layer (kinds: :data:`encoder_int8.KINDS`), for calibration."""
+        x, mask = self._embed(windows)
+        n, length = mask.shape
         heads, d = self.n_heads, self.dims // self.n_heads
         bias = (1.0 - mask)[:, None, None, :] * np.float32(-1e9)
         scale = np.float32(1.0 / math.sqrt(d))
-        for L in self.layers:
+        for li, L in enumerate(self.layers):
+            if observe:
+                observe(li, "qkv", x)
             qkv = x @ L["qkv"] + L["qkv_b"]  # (n, len, 3*dims)
             q, k, v = (qkv[..., j * self.dims : (j + 1) * self.dims].reshape(n, length, heads, d).transpose(0, 2, 1, 3)
                        for j in range(3))
@@ -159,8 +191,14 @@ class Encoder:
             att = np.exp(att - att.max(axis=-1, keepdims=True))
             att /= att.sum(axis=-1, keepdims=True)
             ctx = (att @ v).transpose(0, 2, 1, 3).reshape(n, length, self.dims)
+            if observe:
+                observe(li, "o", ctx)
             x = _layer_norm(ctx @ L["o"] + L["o_b"] + x, L["ln1_g"], L["ln1_b"])
+            if observe:
+                observe(li, "i", x)
             h = _gelu(x @ L["i"] + L["i_b"])
+            if observe:
+                observe(li, "f", h)
             x = _layer_norm(h @ L["f"] + L["f_b"] + x, L["ln2_g"], L["ln2_b"])
         return (x * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
 

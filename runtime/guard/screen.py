@@ -104,7 +104,8 @@ class ScreenModel:
     counts. The category head (``cat.*``) reads the MLP's hidden layer.
     """
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+    def __init__(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str], *, int8: bool = True) -> None:
+        """``int8``: the encoder's layers as the calibrated int8 graph (run time); else its float32 reference."""
         try:
             self.w = tensors["harm.w"].astype(np.float32)
             self.w_dense = tensors["harm.w_dense"].astype(np.float64)
@@ -117,7 +118,7 @@ class ScreenModel:
             self.b2 = float(tensors["mlp.b2"][0])
             self.cat_w = tensors["cat.w"].astype(np.float32)
             self.cat_b = tensors["cat.b"].astype(np.float32)
-            self.encoder = Encoder(tensors, self.embedding, int(meta["encoder_heads"]))
+            self.encoder = Encoder(tensors, self.embedding, int(meta["encoder_heads"]), int8=int8)
             stack = json.loads(meta["stack"])
             self.stack_cheap, self.stack_enc, self.stack_bias, self.stack_length = (
                 float(stack[k]) for k in ("cheap", "encoder", "bias", "length"))

@@ -709,6 +709,7 @@ ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
 ENC_CAT_WEIGHT = 0.3
+CALIB_TEXTS = 1500  # training texts whose windows calibrate the int8 encoder graph (about 1,800 windows, ~1 min)
 ENC_PASS_WINDOWS = 96  # windows per forward/backward pass; a batch of long texts is split (gradients accumulate)
 
 
@@ -937,6 +938,21 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
             "multi": multi}, t
 
 
+def calibrate(tensors: dict[str, np.ndarray], examples: list[Example]) -> dict[str, np.ndarray]:
+    """The int8 encoder graph's calibration (:mod:`encoder_int8`): max |activation| per input channel of
+    each linear layer of the float32 reference, over the encoder windows (up to MAX_ENCODER_WINDOWS per
+    text) of CALIB_TEXTS training texts (a seeded sample)."""
+    from runtime.guard.encoder import token_windows
+    from runtime.guard.encoder_int8 import calibration_tensors
+    from runtime.guard.screen import MAX_ENCODER_WINDOWS
+
+    enc = ScreenModel(tensors, _meta(0.0), int8=False).encoder
+    sample = random.Random(SEED).sample(examples, min(CALIB_TEXTS, len(examples)))
+    windows = [w for e in sample
+               for w in token_windows(enc.ids(featurize(e.text).words), enc.cls_id, enc.sep_id)[:MAX_ENCODER_WINDOWS]]
+    return calibration_tensors(enc, windows)
+
+
 def _report(model: ScreenModel, sets: dict[str, list[Example]]) -> None:
     from runtime.guard.screen import evaluate
 
@@ -989,6 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab, table = static_table([e.text for e in train_set])
         tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
         tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers, bf16=args.bf16))
+    tensors.update(calibrate(tensors, train_set))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
     model = ScreenModel(tensors, _meta(threshold, stack))
