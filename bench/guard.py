@@ -10,7 +10,9 @@ measured with the process pinned to 1 CPU and to 2 CPUs (the screen itself is si
 The baseline, measured in the same run on the same prompts, is what a guard built on the base
 model would pay at the very least: one llama.cpp forward pass of the prompt through the
 embedded SmolLM2-135M (2 threads), no generation. Ratios are baseline / ours (> 1: we are faster).
-Also: the output screen on a 256-token answer (it runs every 16 tokens while streaming).
+Also: the output screen on a 256-token answer (it runs every 16 tokens while streaming), and the
+encoder alone: its int8 onnxruntime graph (what runs) against its float32 numpy reference (what
+ran before it), on the same windows, 1 CPU.
 
 If bench/guard_audit.py exists (the adapter audit's benchmark) its main() runs afterwards.
 
@@ -68,6 +70,26 @@ def _time_forward(llm, prompts: list[str]) -> list[float]:
     return out
 
 
+def _time_encoder(model, prompts: list[str]) -> dict[str, float]:
+    """Encoder alone on each prompt's windows (up to the screen's cap): int8 graph vs float32 reference."""
+    from runtime.guard.encoder import token_windows
+    from runtime.guard.features import featurize
+    from runtime.guard.screen import MAX_ENCODER_WINDOWS
+
+    enc = model.encoder
+    int8_t, ref_t = [], []
+    for p in prompts:
+        windows = token_windows(enc.ids(featurize(p).words), enc.cls_id, enc.sep_id)[:MAX_ENCODER_WINDOWS]
+        t0 = time.perf_counter()
+        enc._forward(windows)
+        t1 = time.perf_counter()
+        enc.reference_forward(windows)
+        int8_t.append(t1 - t0)
+        ref_t.append(time.perf_counter() - t1)
+    return {"int8_p50_ms": _pct(int8_t)["p50_ms"], "float32_p50_ms": _pct(ref_t)["p50_ms"],
+            "ratio_float32_over_int8_median": statistics.median(ref_t) / statistics.median(int8_t)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="passes over the prompt sets for the screen")
@@ -103,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         for ncpu in (1, 2):
             os.sched_setaffinity(0, cpus[:ncpu])
             res[f"screen_{ncpu}cpu"] = _pct(_time_screen(model, prompts, args.runs))
+        os.sched_setaffinity(0, cpus[:1])
+        res["encoder_1cpu"] = _time_encoder(model, prompts[: 20 * args.baseline_prompts])
         os.sched_setaffinity(0, cpus[:2])
         sample = prompts[: args.baseline_prompts]
         print(f"{size}: screen timed; llama.cpp baseline on {len(sample)} prompts", file=sys.stderr)
@@ -136,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"2 cpus p50 {r['screen_2cpu']['p50_ms']:.2f} ms p99 {r['screen_2cpu']['p99_ms']:.2f} ms | "
                   f"forward p50 {r['llama_forward_2threads']['p50_ms']:.1f} ms -> "
                   f"{r['ratio_forward_over_screen_median']:.0f}x faster")
+            e = r["encoder_1cpu"]
+            print(f"        encoder alone, 1 cpu: int8 graph p50 {e['int8_p50_ms']:.2f} ms, float32 reference p50 "
+                  f"{e['float32_p50_ms']:.2f} ms -> {e['ratio_float32_over_int8_median']:.1f}x faster")
         o = results["output_256_tokens"]
         print(f"  output screen on a {o['tokens']}-token answer: p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} ms")
     del llm

@@ -109,6 +109,37 @@ def _linear(g: _Graph, name: str, x: str, w: np.ndarray, b: np.ndarray, peaks: n
     return g.node("Add", [main, side], name)
 
 
+def _attention(g: _Graph, p: str, qkv: str, dims: int, n_heads: int) -> str:
+    """Scaled dot-product attention over the fused q/k/v projection (float32), heads merged back."""
+    from onnx import helper
+
+    d = dims // n_heads
+    g.nodes.append(helper.make_node("Split", [qkv, g.const(p + "split", np.array([dims] * 3, dtype=np.int64))],
+                                    [p + "q0", p + "k0", p + "v0"], name=p + "split", axis=-1))
+    heads = g.const(p + "heads_shape", np.array([0, 0, n_heads, d], dtype=np.int64))
+    q, k, v = (g.node("Transpose", [g.node("Reshape", [p + f"{t}0", heads], p + f"{t}1")], p + t, perm=perm)
+               for t, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))  # k transposed
+    scale = g.const(p + "scale", np.array(1.0 / math.sqrt(d), dtype=np.float32))
+    logits = g.node("Add", [g.node("Mul", [g.node("MatMul", [q, k], p + "qk"), scale], p + "qk_scaled"), "bias"], p + "logits")
+    ctx = g.node("MatMul", [g.node("Softmax", [logits], p + "att", axis=-1), v], p + "ctx0")
+    return g.node("Reshape", [g.node("Transpose", [ctx], p + "ctx1", perm=[0, 2, 1, 3]),
+                              g.const(p + "dims_shape", np.array([0, 0, dims], dtype=np.int64))], p + "ctx")
+
+
+def _gelu(g: _Graph, p: str, h: str) -> str:
+    """BERT's exact GELU, 0.5 * h * (1 + erf(h / sqrt(2))) (onnxruntime fuses the pattern)."""
+    const = {name: g.const(p + name, np.array(value, dtype=np.float32))
+             for name, value in (("half", 0.5), ("one", 1.0), ("rsqrt2", 1.0 / math.sqrt(2.0)))}
+    erf = g.node("Erf", [g.node("Mul", [h, const["rsqrt2"]], p + "h_s")], p + "h_erf")
+    return g.node("Mul", [g.node("Mul", [h, const["half"]], p + "h_half"), g.node("Add", [erf, const["one"]], p + "h_1")],
+                  p + "gelu")
+
+
+def _layer_norm(g: _Graph, name: str, x: str, gamma: np.ndarray, beta: np.ndarray) -> str:
+    return g.node("LayerNormalization", [x, g.const(name + ".g", gamma), g.const(name + ".b", beta)], name,
+                  axis=-1, epsilon=1e-12)
+
+
 def build_graph(layers: Sequence[Mapping[str, np.ndarray]], peaks: Mapping[str, np.ndarray], dims: int,
                 n_heads: int) -> bytes:
     """Serialized ONNX model: inputs ``x`` (windows, tokens, dims) after the embedding layer norm and
@@ -122,41 +153,22 @@ def build_graph(layers: Sequence[Mapping[str, np.ndarray]], peaks: Mapping[str, 
     from onnx import TensorProto, helper
 
     g = _Graph()
-    d = dims // n_heads
-    heads_shape = g.const("heads_shape", np.array([0, 0, n_heads, d], dtype=np.int64))
-    dims_shape = g.const("dims_shape", np.array([0, 0, dims], dtype=np.int64))
-    split = g.const("split", np.array([dims] * 3, dtype=np.int64))
-    scale = g.const("scale", np.array(1.0 / math.sqrt(d), dtype=np.float32))
-    half, one = g.const("half", np.array(0.5, dtype=np.float32)), g.const("one", np.array(1.0, dtype=np.float32))
-    rsqrt2 = g.const("rsqrt2", np.array(1.0 / math.sqrt(2.0), dtype=np.float32))
     x = "x"
     for n, L in enumerate(layers):
-        p = f"l{n}."
         for kind in KINDS:
             key = calibration_name(n, kind)
             if key not in peaks or peaks[key].shape != (L[kind].shape[0],):
                 raise ValueError(f"encoder layer {n} has no int8 calibration for {kind!r}")
 
-        def lin(kind: str, inp: str, n: int = n, L: Mapping[str, np.ndarray] = L, p: str = p) -> str:
-            return _linear(g, p + kind, inp, L[kind], L[kind + "_b"], peaks[calibration_name(n, kind)],
+        def lin(kind: str, inp: str, n: int = n, L: Mapping[str, np.ndarray] = L) -> str:
+            return _linear(g, f"l{n}.{kind}", inp, L[kind], L[kind + "_b"], peaks[calibration_name(n, kind)],
                            OUTLIER_CHANNELS[kind])
 
-        qkv = lin("qkv", x)
-        g.nodes.append(helper.make_node("Split", [qkv, split], [p + "q0", p + "k0", p + "v0"], name=p + "split", axis=-1))
-        q, k, v = (g.node("Transpose", [g.node("Reshape", [p + f"{t}0", heads_shape], p + f"{t}1")], p + t, perm=perm)
-                   for t, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])))
-        att = g.node("Add", [g.node("Mul", [g.node("MatMul", [q, k], p + "qk"), scale], p + "qk_scaled"), "bias"], p + "logits")
-        att = g.node("Softmax", [att], p + "att", axis=-1)
-        ctx = g.node("Reshape", [g.node("Transpose", [g.node("MatMul", [att, v], p + "ctx0")], p + "ctx1", perm=[0, 2, 1, 3]),
-                                 dims_shape], p + "ctx")
-        x = g.node("LayerNormalization", [g.node("Add", [lin("o", ctx), x], p + "res1"), g.const(p + "ln1.g", L["ln1_g"]),
-                                          g.const(p + "ln1.b", L["ln1_b"])], p + "x1", axis=-1, epsilon=1e-12)
-        h = lin("i", x)
-        gelu = g.node("Mul", [g.node("Mul", [h, half], p + "h_half"),
-                              g.node("Add", [g.node("Erf", [g.node("Mul", [h, rsqrt2], p + "h_s")], p + "h_erf"), one], p + "h_1")],
-                      p + "gelu")  # BERT's exact GELU; onnxruntime fuses it
-        x = g.node("LayerNormalization", [g.node("Add", [lin("f", gelu), x], p + "res2"), g.const(p + "ln2.g", L["ln2_g"]),
-                                          g.const(p + "ln2.b", L["ln2_b"])], p + "x2", axis=-1, epsilon=1e-12)
+        p = f"l{n}."
+        ctx = _attention(g, p, lin("qkv", x), dims, n_heads)
+        x = _layer_norm(g, p + "ln1", g.node("Add", [lin("o", ctx), x], p + "res1"), L["ln1_g"], L["ln1_b"])
+        h = _gelu(g, p, lin("i", x))
+        x = _layer_norm(g, p + "ln2", g.node("Add", [lin("f", h), x], p + "res2"), L["ln2_g"], L["ln2_b"])
     g.node("Identity", [x], "y")
     graph = helper.make_graph(
         g.nodes, "vault-guard-encoder",

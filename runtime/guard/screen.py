@@ -60,7 +60,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "52175efffc8c8df2484e5be17284daa3a6795f593f3fa483efad9441484c8d68"
+WEIGHTS_SHA256 = "83e40a0430c1f4e67576ed7ef22a363babdb2a168c4f1716edbe93b9fff600d1"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
