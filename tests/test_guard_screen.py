@@ -420,3 +420,12 @@ def test_bf16_training_only_where_the_cpu_multiplies_bfloat16(tmp_path) -> None:
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n")
     assert cpu_has_bf16(info)
     assert not cpu_has_bf16(tmp_path / "missing")
+
+
+def test_restack_and_keep_encoder_are_exclusive(capsys) -> None:
+    """--restack keeps both trained parts, --keep-encoder retrains the n-gram part: asking for both is a usage error."""
+    from runtime.guard.train_screen import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--restack", "--keep-encoder"])
+    assert exc.value.code == 2 and "--keep-encoder" in capsys.readouterr().err

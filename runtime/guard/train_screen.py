@@ -983,11 +983,16 @@ def main(argv: list[str] | None = None) -> int:
                              "where the CPU has it")
     parser.add_argument("--restack", action="store_true",
                         help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
+    parser.add_argument("--keep-encoder", action="store_true",
+                        help="retrain the n-gram part on today's data but keep the encoder of OUT/screen.safetensors (its "
+                             "fine-tune takes hours on CPUs without bfloat16); then calibrate and stack as usual")
     args = parser.parse_args(argv)
+    if args.restack and args.keep_encoder:
+        parser.error("--restack keeps both parts already; use one of --restack and --keep-encoder")
     t0 = time.perf_counter()
     if args.bf16 is None:
         args.bf16 = ENC_BF16 and cpu_has_bf16()
-        if ENC_BF16 and not args.bf16 and not args.restack:
+        if ENC_BF16 and not args.bf16 and not (args.restack or args.keep_encoder):
             print("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): training the encoder in float32 "
                   "(weights will differ from the shipped ones; --bf16 forces it, about 24x slower here)", file=sys.stderr)
     import torch
@@ -997,14 +1002,19 @@ def main(argv: list[str] | None = None) -> int:
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    if args.restack:
+    if args.restack or args.keep_encoder:
         from safetensors.numpy import load_file
 
-        tensors = dict(load_file(str(args.out / "screen.safetensors")))
+        kept = dict(load_file(str(args.out / "screen.safetensors")))
+    if args.restack:
+        tensors = kept
     else:
         vocab, table = static_table([e.text for e in train_set])
         tensors = with_static(train(train_set, StaticEmbedding(vocab, table)), vocab, table)
-        tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers, bf16=args.bf16))
+        if args.keep_encoder:  # the calibration is re-computed below
+            tensors.update({k: v for k, v in kept.items() if k.startswith("enc.") and ".calib." not in k})
+        else:
+            tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers, bf16=args.bf16))
     tensors.update(calibrate(tensors, train_set))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
