@@ -72,14 +72,13 @@ def _time_forward(llm, prompts: list[str]) -> list[float]:
 
 def _time_encoder(model, prompts: list[str]) -> dict[str, float]:
     """Encoder alone on each prompt's windows (up to the screen's cap): int8 graph vs float32 reference."""
-    from runtime.guard.encoder import token_windows
     from runtime.guard.features import featurize
     from runtime.guard.screen import MAX_ENCODER_WINDOWS
 
     enc = model.encoder
     int8_t, ref_t = [], []
     for p in prompts:
-        windows = token_windows(enc.ids(featurize(p).words), enc.cls_id, enc.sep_id)[:MAX_ENCODER_WINDOWS]
+        windows = enc.windows(featurize(p).words)[:MAX_ENCODER_WINDOWS]
         t0 = time.perf_counter()
         enc._forward(windows)
         t1 = time.perf_counter()

@@ -7,24 +7,20 @@ hold the two together on held-out prompts, and check the properties the int8 gra
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 import onnx
 import pytest
-from safetensors.numpy import load
 
-from runtime.guard.encoder import token_windows
 from runtime.guard.encoder_int8 import KINDS, OUTLIER_CHANNELS, WEIGHT_LEVELS, build_graph, calibration_name, calibration_tensors
 from runtime.guard.features import featurize
-from runtime.guard.screen import WEIGHTS_PATH, ScreenModel, load_heldout, load_model
+from runtime.guard.screen import WEIGHTS_PATH, ScreenModel, load_heldout, load_model, read_weights
 from vault.errors import GuardError
 
 
 def _shipped() -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    data = WEIGHTS_PATH.read_bytes()
-    return load(data), json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    return read_weights(WEIGHTS_PATH.read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +30,7 @@ def models() -> tuple[ScreenModel, ScreenModel]:
 
 
 def _windows(model: ScreenModel, text: str) -> list[list[int]]:
-    enc = model.encoder
-    return token_windows(enc.ids(featurize(text).words), enc.cls_id, enc.sep_id)
+    return model.encoder.windows(featurize(text).words)
 
 
 def test_shipped_weights_carry_a_calibration_for_every_linear_layer() -> None:

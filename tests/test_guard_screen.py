@@ -35,6 +35,7 @@ from runtime.guard.screen import (
     evaluate,
     load_heldout,
     load_model,
+    read_weights,
     screen_messages,
     screen_text_output,
 )
@@ -97,11 +98,9 @@ def test_shipped_weights_match_pinned_sha256_and_are_small() -> None:
 
 
 def _shipped_weights() -> tuple[bytes, dict[str, np.ndarray], dict[str, str]]:
-    """The shipped file's bytes, tensors and metadata (safetensors.numpy.load() drops the metadata)."""
-    from safetensors.numpy import load
-
+    """The shipped file's bytes, tensors and metadata."""
     data = WEIGHTS_PATH.read_bytes()
-    return data, load(data), json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    return (data, *read_weights(data))
 
 
 def test_shipped_weights_are_in_canonical_form() -> None:

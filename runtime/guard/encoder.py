@@ -121,6 +121,10 @@ class Encoder:
         """WordPiece ids of normalised words."""
         return [i for w in words for i in self.vocab.word_ids(w)]
 
+    def windows(self, words: Sequence[str]) -> list[list[int]]:
+        """All token windows of normalised words (:func:`token_windows`)."""
+        return token_windows(self.ids(words), self.cls_id, self.sep_id)
+
     def pooled(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         """Mean of the last hidden states of each window (padding masked): (windows, dims).
 
@@ -153,8 +157,9 @@ class Encoder:
         with self._lock:
             self._memo.clear()
 
-    def _embed(self, windows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Embedding layer output (windows, tokens, dims) of padded windows, and the padding mask."""
+    def _embed(self, windows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Embedding layer output (windows, tokens, dims) of padded windows (float32), the padding mask,
+        and the additive attention bias that masks the padding (windows, 1, 1, tokens)."""
         n, length = len(windows), max(len(w) for w in windows)
         ids = np.zeros((n, length), dtype=np.int64)
         mask = np.zeros((n, length), dtype=np.float32)
@@ -162,13 +167,13 @@ class Encoder:
             ids[r, : len(w)] = w
             mask[r, : len(w)] = 1.0
         x = self.word_q[ids].astype(np.float32) * self.word_scale[ids][..., None] + self.pos[:length] + self.type0
-        return _layer_norm(x, self.ln_g, self.ln_b).astype(np.float32), mask
+        bias = (1.0 - mask)[:, None, None, :] * np.float32(-1e9)
+        return _layer_norm(x, self.ln_g, self.ln_b), mask, bias
 
     def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         if self._session is None:
             return self.reference_forward(windows)
-        x, mask = self._embed(windows)
-        bias = ((1.0 - mask)[:, None, None, :] * np.float32(-1e9)).astype(np.float32)
+        x, mask, bias = self._embed(windows)
         y = self._session.run(None, {"x": x, "bias": bias})[0]
         return (y * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
 
@@ -176,10 +181,9 @@ class Encoder:
                           observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
         """Pooled last hidden states in float32 numpy (no memo). ``observe(layer, kind, x)`` sees the
         input of every linear layer (kinds: :data:`encoder_int8.KINDS`), for calibration."""
-        x, mask = self._embed(windows)
+        x, mask, bias = self._embed(windows)
         n, length = mask.shape
         heads, d = self.n_heads, self.dims // self.n_heads
-        bias = (1.0 - mask)[:, None, None, :] * np.float32(-1e9)
         scale = np.float32(1.0 / math.sqrt(d))
         for li, L in enumerate(self.layers):
             if observe:

@@ -41,6 +41,7 @@ __all__ = [
     "ScreenModel",
     "TextScore",
     "load_model",
+    "read_weights",
     "screen_messages",
     "screen_text_output",
     "HELDOUT_PATH",
@@ -247,6 +248,18 @@ def span_inputs(embedding: StaticEmbedding, feats: Features, starts: np.ndarray,
     return np.concatenate([pooled, dense, lex], axis=1).astype(np.float32)
 
 
+def read_weights(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of a weights file's bytes (verify them first: this parses).
+
+    safetensors.numpy.load() drops ``__metadata__``; it is read from the header here.
+
+    Raises:
+        ValueError, KeyError, json.JSONDecodeError: malformed file.
+    """
+    header_len = int.from_bytes(data[:8], "little")
+    return st_load(data), json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, sha256: str) -> ScreenModel:
     try:
@@ -256,10 +269,7 @@ def _load_cached(path: str, sha256: str) -> ScreenModel:
     if hashlib.sha256(data).hexdigest() != sha256:
         raise GuardError("guard weights do not match their pinned sha256; reinstall vault")
     try:
-        tensors = st_load(data)
-        # safetensors.numpy.load() drops __metadata__; read it from the (already verified) header
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        tensors, meta = read_weights(data)
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
         raise GuardError(f"guard weights are not a valid safetensors file: {exc}") from None
     return ScreenModel(tensors, meta)

@@ -942,14 +942,12 @@ def calibrate(tensors: dict[str, np.ndarray], examples: list[Example]) -> dict[s
     """The int8 encoder graph's calibration (:mod:`encoder_int8`): max |activation| per input channel of
     each linear layer of the float32 reference, over the encoder windows (up to MAX_ENCODER_WINDOWS per
     text) of CALIB_TEXTS training texts (a seeded sample)."""
-    from runtime.guard.encoder import token_windows
     from runtime.guard.encoder_int8 import calibration_tensors
     from runtime.guard.screen import MAX_ENCODER_WINDOWS
 
     enc = ScreenModel(tensors, _meta(0.0), int8=False).encoder
     sample = random.Random(SEED).sample(examples, min(CALIB_TEXTS, len(examples)))
-    windows = [w for e in sample
-               for w in token_windows(enc.ids(featurize(e.text).words), enc.cls_id, enc.sep_id)[:MAX_ENCODER_WINDOWS]]
+    windows = [w for e in sample for w in enc.windows(featurize(e.text).words)[:MAX_ENCODER_WINDOWS]]
     return calibration_tensors(enc, windows)
 
 
