@@ -173,9 +173,13 @@ class Encoder:
     def _forward(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         if self._session is None:
             return self.reference_forward(windows)
-        x, mask, bias = self._embed(windows)
-        y = self._session.run(None, {"x": x, "bias": bias})[0]
-        return (y * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        # one window per run: the int8 graph quantizes activations with one scale per run, so a batch would let a
+        # window's logit depend on the windows (and padding) it was batched with, i.e. on the memo's history
+        out = np.empty((len(windows), self.dims), dtype=np.float32)
+        for r, window in enumerate(windows):
+            x, _, bias = self._embed([window])
+            out[r] = self._session.run(None, {"x": x, "bias": bias})[0][0].mean(axis=0)
+        return out
 
     def reference_forward(self, windows: Sequence[Sequence[int]],
                           observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
