@@ -423,10 +423,44 @@ def test_bf16_training_only_where_the_cpu_multiplies_bfloat16(tmp_path) -> None:
     assert not cpu_has_bf16(tmp_path / "missing")
 
 
-def test_restack_and_keep_encoder_are_exclusive(capsys) -> None:
-    """--restack keeps both trained parts, --keep-encoder retrains the n-gram part: asking for both is a usage error."""
+@pytest.mark.parametrize("flags", [["--restack", "--keep-encoder"], ["--keep-encoder", "--warm-encoder"],
+                                   ["--restack", "--warm-encoder"]])
+def test_part_keeping_modes_are_exclusive(flags, capsys) -> None:
+    """--restack keeps both trained parts, --keep-encoder the encoder, --warm-encoder continues it: one at a time."""
     from runtime.guard.train_screen import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["--restack", "--keep-encoder"])
-    assert exc.value.code == 2 and "--keep-encoder" in capsys.readouterr().err
+        main(flags)
+    assert exc.value.code == 2 and "at most one of" in capsys.readouterr().err
+
+
+def _bert_like(tensors: dict, layers: int):
+    """An untrained BertModel shaped like the shipped encoder (its weights all come from the import)."""
+    from transformers import BertConfig, BertModel
+
+    vocab, hidden = tensors["enc.embeddings.word_embeddings.q"].shape
+    return BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=12,
+                                intermediate_size=tensors["enc.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                                max_position_embeddings=tensors["enc.embeddings.position_embeddings.weight"].shape[0]))
+
+
+def test_warm_start_loads_the_shipped_encoder() -> None:
+    """--warm-encoder's import is export_encoder's inverse: the shipped encoder re-exported is the same tensors."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from torch import nn
+
+    from runtime.guard.screen import WEIGHTS_PATH, read_weights
+    from runtime.guard.train_screen import CATEGORIES, ENC_LAYERS, export_encoder, import_encoder
+
+    tensors, _meta = read_weights(WEIGHTS_PATH.read_bytes())
+    enc = _bert_like(tensors, ENC_LAYERS)
+    head, cat = nn.Linear(enc.config.hidden_size, 1), nn.Linear(enc.config.hidden_size, len(CATEGORIES))
+    import_encoder(tensors, enc, head, cat)
+    again = export_encoder(enc, head, cat)
+    assert set(again) == {k for k in tensors if k.startswith("enc.") and ".calib." not in k}
+    for name, value in again.items():
+        np.testing.assert_array_equal(value, tensors[name], err_msg=name)
+    wrong = {**tensors, "enc.encoder.layer.0.attention.self.query.weight": np.zeros((2, 2), np.float16)}
+    with pytest.raises(ValueError, match="warm start"):  # refused, not half-loaded
+        import_encoder(wrong, _bert_like(tensors, ENC_LAYERS), head, cat)

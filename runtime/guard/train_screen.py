@@ -709,6 +709,7 @@ ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
 ENC_CAT_WEIGHT = 0.3
+ENC_WARM_LR = 3e-5  # --warm-encoder: the encoder is already fine-tuned; a lower peak keeps what it learnt
 CALIB_TEXTS = 1500  # training texts whose windows calibrate the int8 encoder graph (about 1,800 windows, ~1 min)
 ENC_PASS_WINDOWS = 96  # windows per forward/backward pass; a batch of long texts is split (gradients accumulate)
 
@@ -727,7 +728,8 @@ def _encoder_model(layers: int = ENC_LAYERS):
 
 
 def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS,
-                  layers: int = ENC_LAYERS, bf16: bool = ENC_BF16) -> dict[str, np.ndarray]:
+                  layers: int = ENC_LAYERS, bf16: bool = ENC_BF16, lr: float = ENC_LR,
+                  init: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Fine-tune the first ``layers`` layers of all-MiniLM-L6-v2 with a harm head and a category head.
 
     Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
@@ -736,6 +738,7 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     not hold every window's activations at once (6 layers: over 24 GB, killed by the OOM killer).
     ``bf16``: the encoder's matmuls in bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16;
     weights, optimiser, pooling, heads and loss stay float32).
+    ``init``: start from these exported ``enc.*`` tensors (a warm start) instead of all-MiniLM-L6-v2 and new heads.
     """
     import torch
     from torch import nn
@@ -753,12 +756,14 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     print(f"  encoder: {len(examples)} examples tokenised ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
     enc = _encoder_model(layers)
     head, cat = nn.Linear(enc.config.hidden_size, 1), nn.Linear(enc.config.hidden_size, len(CATEGORIES))
+    if init is not None:
+        import_encoder(init, enc, head, cat)
     params = [*enc.parameters(), *head.parameters(), *cat.parameters()]
-    opt = torch.optim.AdamW(params, lr=ENC_LR, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     pos = float(y.sum())
     w_pos, w_neg = 0.5 / pos * len(y), 0.5 / (len(y) - pos) * len(y)
     steps = int(epochs * len(examples) / ENC_BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ENC_LR, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     batches: list[list[int]] = []
     enc.train()
     for step in range(steps):
@@ -828,6 +833,33 @@ def export_encoder(enc, head, cat) -> dict[str, np.ndarray]:
         out[f"enc.{prefix}.weight"] = layer.weight.detach().numpy().astype(np.float32)
         out[f"enc.{prefix}.bias"] = layer.bias.detach().numpy().astype(np.float32)
     return out
+
+
+def import_encoder(tensors: dict[str, np.ndarray], enc, head, cat) -> None:
+    """Load :func:`export_encoder`'s tensors into the torch modules (its inverse, up to the export's rounding).
+
+    Every parameter must be present with its shape: a warm start from a file with other layers or heads is refused.
+    """
+    import torch
+
+    state = {}
+    for name, value in enc.state_dict().items():
+        if name.startswith("pooler.") or name.endswith("position_ids"):
+            state[name] = value
+        elif name == "embeddings.word_embeddings.weight":
+            q, scale = tensors["enc.embeddings.word_embeddings.q"], tensors["enc.embeddings.word_embeddings.scale"]
+            state[name] = torch.from_numpy(q.astype(np.float32) * scale[:, None].astype(np.float32))
+        else:
+            state[name] = torch.from_numpy(np.asarray(tensors["enc." + name], dtype=np.float32))
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise ValueError(f"warm start: enc.{name} has shape {tuple(state[name].shape)}, the model {tuple(value.shape)}")
+    enc.load_state_dict(state)
+    for prefix, layer in (("head", head), ("cat", cat)):
+        w, b = tensors[f"enc.{prefix}.weight"], tensors[f"enc.{prefix}.bias"]
+        if w.shape != tuple(layer.weight.shape):
+            raise ValueError(f"warm start: enc.{prefix}.weight has shape {w.shape}, the model {tuple(layer.weight.shape)}")
+        layer.weight.data.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+        layer.bias.data.copy_(torch.from_numpy(np.asarray(b, dtype=np.float32)))
 
 
 def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndarray) -> dict[str, np.ndarray]:
@@ -984,9 +1016,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-encoder", action="store_true",
                         help="retrain the n-gram part on today's data but keep the encoder of OUT/screen.safetensors (its "
                              "fine-tune takes hours on CPUs without bfloat16); then calibrate and stack as usual")
+    parser.add_argument("--warm-encoder", action="store_true",
+                        help="retrain the n-gram part and continue fine-tuning the encoder of OUT/screen.safetensors "
+                             "(not all-MiniLM-L6-v2) for --encoder-epochs at --encoder-lr: teaches it new data in a "
+                             "fraction of a full fine-tune")
+    parser.add_argument("--encoder-lr", type=float, default=None,
+                        help=f"peak learning rate of the encoder fine-tune (default {ENC_LR}; {ENC_WARM_LR} with --warm-encoder)")
     args = parser.parse_args(argv)
-    if args.restack and args.keep_encoder:
-        parser.error("--restack keeps both parts already; use one of --restack and --keep-encoder")
+    if sum((args.restack, args.keep_encoder, args.warm_encoder)) > 1:
+        parser.error("use at most one of --restack, --keep-encoder and --warm-encoder")
+    if args.encoder_lr is None:
+        args.encoder_lr = ENC_WARM_LR if args.warm_encoder else ENC_LR
     t0 = time.perf_counter()
     if args.bf16 is None:
         args.bf16 = ENC_BF16 and cpu_has_bf16()
@@ -1000,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    if args.restack or args.keep_encoder:
+    if args.restack or args.keep_encoder or args.warm_encoder:
         from safetensors.numpy import load_file
 
         kept = dict(load_file(str(args.out / "screen.safetensors")))
@@ -1012,7 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_encoder:  # the calibration is re-computed below
             tensors.update({k: v for k, v in kept.items() if k.startswith("enc.") and ".calib." not in k})
         else:
-            tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers, bf16=args.bf16))
+            init = {k: v for k, v in kept.items() if k.startswith("enc.")} if args.warm_encoder else None
+            tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
+                                         bf16=args.bf16, lr=args.encoder_lr, init=init))
     tensors.update(calibrate(tensors, train_set))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
