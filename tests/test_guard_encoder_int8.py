@@ -121,3 +121,14 @@ def test_a_windows_logit_does_not_depend_on_what_it_is_batched_with(models) -> N
     alone = np.concatenate([enc._forward([w]) for w in windows])
     np.testing.assert_array_equal(enc._forward(windows), alone)
     np.testing.assert_array_equal(enc._forward([windows[2], [enc.cls_id, enc.sep_id]])[0], alone[2])  # padded beside a short one
+
+
+def test_run_time_encoder_drops_its_float32_layers(models) -> None:
+    """The int8 session holds the weights it runs; the run-time encoder keeps no float32 copy of its layers
+    (about 40 MB), and asking it for the float32 reference is a clear error, not embeddings passed through."""
+    run_time, reference = models
+    assert run_time.encoder.layers == [] and len(reference.encoder.layers) == 6
+    windows = _windows(run_time, "How do I reset my router?")
+    with pytest.raises(ValueError, match="int8=False"):
+        run_time.encoder.reference_forward(windows)
+    assert reference.encoder.reference_forward(windows).shape == (1, reference.encoder.dims)

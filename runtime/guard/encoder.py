@@ -116,6 +116,7 @@ class Encoder:
         if int8:
             peaks = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items() if ".calib." in k}
             self._session = encoder_int8.session(encoder_int8.build_graph(self.layers, peaks, self.dims, n_heads))
+            self.layers = []  # the session holds its own copy; the float32 layers would be ~40 MB more, unused
 
     def ids(self, words: Sequence[str]) -> list[int]:
         """WordPiece ids of normalised words."""
@@ -184,7 +185,13 @@ class Encoder:
     def reference_forward(self, windows: Sequence[Sequence[int]],
                           observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
         """Pooled last hidden states in float32 numpy (no memo). ``observe(layer, kind, x)`` sees the
-        input of every linear layer (kinds: :data:`encoder_int8.KINDS`), for calibration."""
+        input of every linear layer (kinds: :data:`encoder_int8.KINDS`), for calibration.
+
+        Raises:
+            ValueError: this encoder runs the int8 graph and has dropped its float32 layers (build one with ``int8=False``).
+        """
+        if not self.layers:
+            raise ValueError("the float32 reference needs an Encoder built with int8=False")
         x, mask, bias = self._embed(windows)
         n, length = mask.shape
         heads, d = self.n_heads, self.dims // self.n_heads
