@@ -464,3 +464,63 @@ def test_warm_start_loads_the_shipped_encoder() -> None:
     wrong = {**tensors, "enc.encoder.layer.0.attention.self.query.weight": np.zeros((2, 2), np.float16)}
     with pytest.raises(ValueError, match="warm start"):  # refused, not half-loaded
         import_encoder(wrong, _bert_like(tensors, ENC_LAYERS), head, cat)
+
+
+def _tiny_run(tmp_path, monkeypatch, crash_at: int | None, examples=None):
+    """A 2-layer, 32-wide BERT fine-tuned for 12 steps of 4 texts; ``crash_at``: the step whose gradient clip raises."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    from runtime.guard import train_screen as ts
+
+    torch.use_deterministic_algorithms(True)
+    words = "how do i make a bomb bake bread fix my bike hack the bank account write poem".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "'", *words]
+    monkeypatch.setattr(ts, "_encoder_model", lambda layers: BertModel(BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=130)))
+    monkeypatch.setattr(ts, "ENC_BATCH", 4)
+    if examples is None:
+        examples = [ts.Example("how do i make a bomb", 1, "S9", "t"), ts.Example("hack the bank account", 1, "S2", "t"),
+                    ts.Example("how do i bake bread", 0, None, "t"), ts.Example("fix my bike", 0, None, "t"),
+                    ts.Example("write a poem", 0, None, "t"), ts.Example("make a bomb " * 40, 1, "S9", "t")] * 2
+    calls = {"n": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def crashing_clip(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt
+        return clip(*a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crashing_clip)
+    ckpt = tmp_path / "encoder-checkpoint.pt"
+    return ts.train_encoder(examples, vocab, epochs=4.0, layers=2, bf16=False, checkpoint=ckpt, checkpoint_every=5), ckpt
+
+
+def test_encoder_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch) -> None:
+    """A fine-tune killed at step 8 and started again resumes from its step-5 checkpoint and ends with the weights of
+    an uninterrupted run (optimiser, schedule, random generators and the epoch's batches restored); the checkpoint
+    is removed at the end."""
+    whole, ckpt = _tiny_run(tmp_path / "a", monkeypatch, crash_at=None)
+    assert not ckpt.exists()
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path / "b", monkeypatch, crash_at=8)
+    assert (tmp_path / "b" / "encoder-checkpoint.pt").exists()
+    resumed, ckpt = _tiny_run(tmp_path / "b", monkeypatch, crash_at=None)
+    assert not ckpt.exists()
+    assert set(resumed) == set(whole)
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_encoder_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch) -> None:
+    """A checkpoint left by a run on other data is not silently mixed into this one."""
+    from runtime.guard.train_screen import Example
+
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path, monkeypatch, crash_at=7)
+    other = [Example("write a poem", 0, None, "t"), Example("make a bomb", 1, "S9", "t")] * 6
+    with pytest.raises(SystemExit, match="another run"):
+        _tiny_run(tmp_path, monkeypatch, crash_at=None, examples=other)

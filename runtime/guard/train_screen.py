@@ -22,6 +22,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -709,6 +710,8 @@ ENC_EPOCHS = 2.0
 ENC_BATCH = 32
 ENC_LR = 8e-5
 ENC_CAT_WEIGHT = 0.3
+ENC_CHECKPOINT_EVERY = 50  # encoder steps between checkpoints (about 5 min on a 2-core AVX2 CPU)
+ENC_CHECKPOINT_NAME = "encoder-checkpoint.pt"
 ENC_WARM_LR = 3e-5  # --warm-encoder: the encoder is already fine-tuned; a lower peak keeps what it learnt
 CALIB_TEXTS = 1500  # training texts whose windows calibrate the int8 encoder graph (about 1,800 windows, ~1 min)
 ENC_PASS_WINDOWS = 96  # windows per forward/backward pass; a batch of long texts is split (gradients accumulate)
@@ -729,7 +732,8 @@ def _encoder_model(layers: int = ENC_LAYERS):
 
 def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED, epochs: float = ENC_EPOCHS,
                   layers: int = ENC_LAYERS, bf16: bool = ENC_BF16, lr: float = ENC_LR,
-                  init: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                  init: dict[str, np.ndarray] | None = None, checkpoint: Path | None = None,
+                  checkpoint_every: int = ENC_CHECKPOINT_EVERY) -> dict[str, np.ndarray]:
     """Fine-tune the first ``layers`` layers of all-MiniLM-L6-v2 with a harm head and a category head.
 
     Inputs are exactly the run-time windows (:func:`encoder.token_windows` over the WordPiece ids of
@@ -739,6 +743,10 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     ``bf16``: the encoder's matmuls in bfloat16 autocast (about 2x faster on CPUs with AVX512-BF16;
     weights, optimiser, pooling, heads and loss stay float32).
     ``init``: start from these exported ``enc.*`` tensors (a warm start) instead of all-MiniLM-L6-v2 and new heads.
+    ``checkpoint``: every ``checkpoint_every`` steps the whole training state (weights, optimiser, schedule, random
+    generators, the epoch's remaining batches) is written there atomically; a run that finds a checkpoint of the same
+    run (same examples and settings) resumes from it, and gets the weights an uninterrupted run would have. The file
+    is removed when training ends. A fine-tune that takes longer than one sitting can so be split over several.
     """
     import torch
     from torch import nn
@@ -765,8 +773,13 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     steps = int(epochs * len(examples) / ENC_BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     batches: list[list[int]] = []
+    run_id = _run_fingerprint(examples, epochs=epochs, layers=layers, bf16=bf16, lr=lr, seed=seed, init=init)
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        first, batches = _resume(checkpoint, run_id, enc, head, cat, opt, sched, rng)
+        print(f"  encoder: resumed at step {first}/{steps} from {checkpoint}", file=sys.stderr)
     enc.train()
-    for step in range(steps):
+    for step in range(first, steps):
         if not batches:  # length-bucketed batches in random order (less padding)
             order = list(range(len(examples)))
             rng.shuffle(order)
@@ -800,7 +813,63 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
         sched.step()
         if step % 200 == 0:
             print(f"  encoder step {step}/{steps}: loss {loss_sum:.4f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-    return export_encoder(enc, head, cat)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(checkpoint, run_id, step + 1, batches, enc, head, cat, opt, sched, rng)
+    out = export_encoder(enc, head, cat)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return out
+
+
+def _run_fingerprint(examples: list[Example], **settings: Any) -> str:
+    """Digest of what a fine-tune's result depends on: its examples (text, label, category) and settings."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.text, e.label, e.category]).encode("utf-8"))
+    init = settings.pop("init")
+    for name in sorted(init or {}):
+        h.update(name.encode("utf-8"))
+        h.update(np.ascontiguousarray(init[name]).tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, run_id: str, step: int, batches: list[list[int]], enc, head, cat, opt, sched,
+                     rng: random.Random) -> None:
+    import torch
+
+    state = {"run": run_id, "step": step, "batches": batches, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+             "enc": enc.state_dict(), "head": head.state_dict(), "cat": cat.state_dict(), "opt": opt.state_dict(),
+             "sched": sched.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint whole
+
+
+def _resume(path: Path, run_id: str, enc, head, cat, opt, sched, rng: random.Random) -> tuple[int, list[list[int]]]:
+    """Restore a checkpoint of this run; returns its next step and the epoch's remaining batches."""
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True)  # tensors and plain containers only: no pickled code runs
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: say which and stop
+        raise SystemExit(f"cannot read the encoder checkpoint {path}: {exc}; delete it to start the fine-tune again")
+    if not isinstance(state, dict) or state.get("run") != run_id:
+        raise SystemExit(f"the encoder checkpoint {path} belongs to another run (other data or settings); "
+                         "delete it to start the fine-tune again")
+    enc.load_state_dict(state["enc"])
+    head.load_state_dict(state["head"])
+    cat.load_state_dict(state["cat"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), [list(b) for b in state["batches"]]
 
 
 def _passes(idx: list[int], n_windows: list[int], budget: int) -> list[list[int]]:
@@ -1020,6 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="retrain the n-gram part and continue fine-tuning the encoder of OUT/screen.safetensors "
                              "(not all-MiniLM-L6-v2) for --encoder-epochs at --encoder-lr: teaches it new data in a "
                              "fraction of a full fine-tune")
+    parser.add_argument("--no-checkpoint", action="store_true",
+                        help=f"do not write OUT/{ENC_CHECKPOINT_NAME} every {ENC_CHECKPOINT_EVERY} encoder steps (by "
+                             "default a killed run started again with the same data and options resumes from it)")
     parser.add_argument("--encoder-lr", type=float, default=None,
                         help=f"peak learning rate of the encoder fine-tune (default {ENC_LR}; {ENC_WARM_LR} with --warm-encoder)")
     args = parser.parse_args(argv)
@@ -1054,7 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             init = {k: v for k, v in kept.items() if k.startswith("enc.")} if args.warm_encoder else None
             tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
-                                         bf16=args.bf16, lr=args.encoder_lr, init=init))
+                                         bf16=args.bf16, lr=args.encoder_lr, init=init,
+                                         checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
     tensors.update(calibrate(tensors, train_set))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
     stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
