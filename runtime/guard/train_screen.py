@@ -1087,8 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
                              "fine-tune takes hours on CPUs without bfloat16); then calibrate and stack as usual")
     parser.add_argument("--warm-encoder", action="store_true",
                         help="retrain the n-gram part and continue fine-tuning the encoder of OUT/screen.safetensors "
-                             "(not all-MiniLM-L6-v2) for --encoder-epochs at --encoder-lr: teaches it new data in a "
-                             "fraction of a full fine-tune")
+                             "(not all-MiniLM-L6-v2) for --encoder-epochs at --encoder-lr, so new data costs a fraction of a "
+                             "full fine-tune's steps (whether that is enough is not yet measured)")
     parser.add_argument("--no-checkpoint", action="store_true",
                         help=f"do not write OUT/{ENC_CHECKPOINT_NAME} every {ENC_CHECKPOINT_EVERY} encoder steps (by "
                              "default a killed run started again with the same data and options resumes from it)")
