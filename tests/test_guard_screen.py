@@ -450,7 +450,6 @@ def test_warm_start_loads_the_shipped_encoder() -> None:
     pytest.importorskip("transformers")
     from torch import nn
 
-    from runtime.guard.screen import WEIGHTS_PATH, read_weights
     from runtime.guard.train_screen import CATEGORIES, ENC_LAYERS, export_encoder, import_encoder
 
     tensors, _meta = read_weights(WEIGHTS_PATH.read_bytes())
