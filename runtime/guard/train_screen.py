@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import hashlib
 import json
 import os
@@ -60,6 +61,7 @@ class Example:
     label: int  # 1 harmful, 0 benign
     category: str | None
     source: str
+    origin: str = ""  # the data/written file a written prompt (or the request composed into it) came from
 
 
 # -- components ----------------------------------------------------------------------------------
@@ -428,10 +430,10 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
         if path.name.startswith(("harm_", "benign_")) and path.name not in _written_files("benign_personas"):
             kind = (path.stem.split("_", 1)[1] if path.name.startswith("benign_")
                     else "jailbreak" if path.stem.endswith("_jailbreak") else "harmful")
-            requests.extend((row, kind) for row in _written_rows(path.name))
+            requests.extend((row, kind, path.name) for row in _written_rows(path.name))
     # whole benign prompts shaped like jailbreaks (benign_personas*.tsv): trained on as they are, held out
     # into benign_wrapped, never wrapped or composed again
-    personas = [row for f in _written_files("benign_personas") for row in _written_rows(f)]
+    personas = [[*row, f] for f in _written_files("benign_personas") for row in _written_rows(f)]
     wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
     for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
         if template.count("{req}") == 1 and strength in ("strong", "mild"):
@@ -440,18 +442,18 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
     for _l, _c, topic, text in (row for f in _written_files("paragraphs") for row in _written_rows(f)):
         paragraphs[_topic_role(topic)].append(text)
 
-    for (label_name, cat, topic, text), kind in requests:
+    for (label_name, cat, topic, text), kind, origin in requests:
         label = int(label_name == "harm")
         role = _topic_role(topic)
         category = cat if label and cat in CATEGORIES else ("S2" if label else None)
-        ex = Example(text, label, category, f"written2-{kind}")
+        ex = Example(text, label, category, f"written2-{kind}", origin)
         pools[role].append(ex)
         if role != "heldout":
-            pools[role].append(Example(_noisy(text, rng), label, category, f"written2-{kind}"))
-    for _l, _c, topic, text in personas:
+            pools[role].append(Example(_noisy(text, rng), label, category, f"written2-{kind}", origin))
+    for _l, _c, topic, text, origin in personas:
         role = _topic_role(topic)
         if role != "heldout":
-            pools[role].append(Example(text, 0, None, "personas"))
+            pools[role].append(Example(text, 0, None, "personas", origin))
 
     # compositions for training and dev: strong wrappers (old and new) only around harmful requests
     for role in ("train", "dev"):
@@ -465,17 +467,17 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
             continue
         for _ in range(int(3000 * scale)):
             ex = rng.choice(harm)
-            pools[role].append(Example(_wrap(rng.choice(strong), ex.text), 1, ex.category, "wrapped2-strong"))
+            pools[role].append(Example(_wrap(rng.choice(strong), ex.text), 1, ex.category, "wrapped2-strong", ex.origin))
         for _ in range(int(1500 * scale)):
             ex = rng.choice(harm)
-            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 1, ex.category, "wrapped2-mild"))
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 1, ex.category, "wrapped2-mild", ex.origin))
         for _ in range(int(2500 * scale)):
             ex = rng.choice(ok)
-            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 0, None, "wrapped2-mild"))
+            pools[role].append(Example(_wrap(rng.choice(mild), ex.text), 0, None, "wrapped2-mild", ex.origin))
         for label, reqs in ((1, harm), (0, ok)):
             for _ in range(int(1200 * scale)):
                 ex = rng.choice(reqs)
-                pools[role].append(Example(_long(paras, ex.text, rng, 1, 4), label, ex.category, "long2"))
+                pools[role].append(Example(_long(paras, ex.text, rng, 1, 4), label, ex.category, "long2", ex.origin))
         for _ in range(int(600 * scale)):
             pools[role].append(Example(_long(paras, None, rng, 1, 6), 0, None, "long2"))
         # long prompts (1,000+ tokens, as jailbreaks and pasted documents are): 6-12 paragraphs with one
@@ -487,7 +489,7 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
                 text = ex.text
                 if rng.random() < 0.5:
                     text = _wrap(rng.choice(strong + mild if label else mild), text)
-                pools[role].append(Example(_long(paras, text, rng, 6, 12), label, ex.category, "long3"))
+                pools[role].append(Example(_long(paras, text, rng, 6, 12), label, ex.category, "long3", ex.origin))
         for _ in range(n_long // 3):
             pools[role].append(Example(_long(paras, None, rng, 6, 12), 0, None, "long3"))
 
@@ -496,7 +498,7 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
         label = int(label_name == "harm")
         blind.setdefault(f"blind_{kind}", []).append(
             Example(text, label, cat if label and cat in CATEGORIES else None, "blind"))
-    held_personas = [Example(t, 0, None, "personas") for _l, _c, topic, t in personas if _topic_role(topic) == "heldout"]
+    held_personas = [Example(t, 0, None, "personas", f) for _l, _c, topic, t, f in personas if _topic_role(topic) == "heldout"]
     return {"wrappers": wrappers, "paragraphs": paragraphs, "personas": held_personas, "blind": blind}
 
 
@@ -713,6 +715,7 @@ ENC_CAT_WEIGHT = 0.3
 ENC_CHECKPOINT_EVERY = 50  # encoder steps between checkpoints (about 5 min on a 2-core AVX2 CPU)
 ENC_CHECKPOINT_NAME = "encoder-checkpoint.pt"
 ENC_WARM_LR = 3e-5  # --warm-encoder: the encoder is already fine-tuned; a lower peak keeps what it learnt
+ENC_REPLAY = 3  # --warm-focus: other training examples replayed per focused one, so the encoder keeps what it knew
 CALIB_TEXTS = 1500  # training texts whose windows calibrate the int8 encoder graph (about 1,800 windows, ~1 min)
 ENC_PASS_WINDOWS = 96  # windows per forward/backward pass; a batch of long texts is split (gradients accumulate)
 
@@ -819,6 +822,23 @@ def train_encoder(examples: list[Example], vocab: list[str], *, seed: int = SEED
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     return out
+
+
+def focus_examples(examples: list[Example], pattern: str, *, replay: int = ENC_REPLAY, seed: int = SEED) -> list[Example]:
+    """The examples from ``data/written`` files whose name matches ``pattern`` (compositions around their prompts
+    included), and ``replay`` times as many of the other examples, drawn at random.
+
+    A warm fine-tune on this set spends its steps on new data instead of on a random share of everything, which the
+    encoder has already learnt; the replayed share keeps it from forgetting (rehearsal).
+    """
+    def focused(e: Example) -> bool:
+        return bool(e.origin) and fnmatch.fnmatchcase(e.origin, pattern)
+
+    new = [e for e in examples if focused(e)]
+    if not new:
+        raise ValueError(f"no training example comes from a data/written file matching {pattern!r}")
+    old = [e for e in examples if not focused(e)]
+    return new + random.Random(seed).sample(old, min(len(old), replay * len(new)))
 
 
 def _run_fingerprint(examples: list[Example], **settings: Any) -> str:
@@ -1089,6 +1109,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="retrain the n-gram part and continue fine-tuning the encoder of OUT/screen.safetensors "
                              "(not all-MiniLM-L6-v2) for --encoder-epochs at --encoder-lr, so new data costs a fraction of a "
                              "full fine-tune's steps (whether that is enough is not yet measured)")
+    parser.add_argument("--warm-focus", metavar="GLOB",
+                        help=f"with --warm-encoder: fine-tune the encoder only on examples from data/written files "
+                             f"matching GLOB (e.g. '*round13*') and {ENC_REPLAY}x as many others at random, instead of on "
+                             "all of train; --encoder-epochs then counts passes over that set")
     parser.add_argument("--no-checkpoint", action="store_true",
                         help=f"do not write OUT/{ENC_CHECKPOINT_NAME} every {ENC_CHECKPOINT_EVERY} encoder steps (by "
                              "default a killed run started again with the same data and options resumes from it)")
@@ -1097,6 +1121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sum((args.restack, args.keep_encoder, args.warm_encoder)) > 1:
         parser.error("use at most one of --restack, --keep-encoder and --warm-encoder")
+    if args.warm_focus and not args.warm_encoder:
+        parser.error("--warm-focus needs --warm-encoder")
     if args.encoder_lr is None:
         args.encoder_lr = ENC_WARM_LR if args.warm_encoder else ENC_LR
     t0 = time.perf_counter()
@@ -1125,7 +1151,15 @@ def main(argv: list[str] | None = None) -> int:
             tensors.update({k: v for k, v in kept.items() if k.startswith("enc.") and ".calib." not in k})
         else:
             init = {k: v for k, v in kept.items() if k.startswith("enc.")} if args.warm_encoder else None
-            tensors.update(train_encoder(train_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
+            enc_set = train_set
+            if args.warm_focus:
+                try:
+                    enc_set = focus_examples(train_set, args.warm_focus)
+                except ValueError as e:
+                    parser.error(str(e))
+                n_new = sum(bool(e.origin) and fnmatch.fnmatchcase(e.origin, args.warm_focus) for e in enc_set)
+                print(f"encoder fine-tune on {len(enc_set)} examples, {n_new} of them from {args.warm_focus}", file=sys.stderr)
+            tensors.update(train_encoder(enc_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
                                          bf16=args.bf16, lr=args.encoder_lr, init=init,
                                          checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
     tensors.update(calibrate(tensors, train_set))
