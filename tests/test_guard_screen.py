@@ -287,6 +287,9 @@ def test_heldout_file_is_what_the_training_script_holds_out(shared_data: Path) -
     assert [r["prompt"] for r in shipped] == [e.text for name in sorted(sets) for e in sets[name]]
     seen = {e.text.casefold() for e in train + dev}
     assert not [r["prompt"] for r in shipped if r["prompt"].casefold() in seen]
+    # every written prompt, and every composition around one, names its file (what --warm-focus selects by)
+    assert all(e.origin.endswith(".tsv") for e in train if e.source.startswith(("written2", "personas", "wrapped2")))
+    assert all(e.origin for e in train if e.source in ("long2", "long3") and e.label)
 
 
 def test_dataset_is_deterministic_across_hash_seeds(shared_data: Path) -> None:
@@ -432,6 +435,30 @@ def test_part_keeping_modes_are_exclusive(flags, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(flags)
     assert exc.value.code == 2 and "at most one of" in capsys.readouterr().err
+
+
+def test_warm_focus_needs_warm_encoder(capsys) -> None:
+    from runtime.guard.train_screen import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--keep-encoder", "--warm-focus", "*round13*"])
+    assert exc.value.code == 2 and "--warm-focus needs --warm-encoder" in capsys.readouterr().err
+
+
+def test_focus_examples_take_the_new_files_and_replay_others() -> None:
+    from runtime.guard.train_screen import Example, focus_examples
+
+    new = [Example(f"new {i}", i % 2, None, "written2-harmful", "harm_round13_questions.tsv") for i in range(5)]
+    old = [Example(f"old {i}", i % 2, None, "written2-harmful", "harm_round12_questions.tsv") for i in range(40)]
+    other = [Example(f"grammar {i}", 0, None, "grammar") for i in range(40)]
+    examples = old[:20] + new + other + old[20:]
+    picked = focus_examples(examples, "*round13*", replay=3)
+    assert picked[:5] == new and len(picked) == 20 and len(set(picked)) == 20
+    assert set(picked[5:]) <= set(old + other)
+    assert picked == focus_examples(examples, "*round13*", replay=3)  # the same draw every run
+    assert len(focus_examples(new + other[:2], "*round13*", replay=3)) == 7  # fewer others than asked: all of them
+    with pytest.raises(ValueError, match="round99"):
+        focus_examples(examples, "*round99*")
 
 
 def _bert_like(tensors: dict, layers: int):
