@@ -492,6 +492,16 @@ def test_warm_start_loads_the_shipped_encoder() -> None:
         import_encoder(wrong, _bert_like(tensors, ENC_LAYERS), head, cat)
 
 
+@pytest.fixture
+def deterministic_torch():
+    """torch's deterministic algorithms on for one test (as train_screen runs), then back as they were."""
+    torch = pytest.importorskip("torch")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 def _tiny_run(tmp_path, monkeypatch, crash_at: int | None, examples=None):
     """A 2-layer, 32-wide BERT fine-tuned for 12 steps of 4 texts; ``crash_at``: the step whose gradient clip raises."""
     torch = pytest.importorskip("torch")
@@ -500,7 +510,6 @@ def _tiny_run(tmp_path, monkeypatch, crash_at: int | None, examples=None):
 
     from runtime.guard import train_screen as ts
 
-    torch.use_deterministic_algorithms(True)
     words = "how do i make a bomb bake bread fix my bike hack the bank account write poem".split()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "'", *words]
     monkeypatch.setattr(ts, "_encoder_model", lambda layers: BertModel(BertConfig(
@@ -525,7 +534,7 @@ def _tiny_run(tmp_path, monkeypatch, crash_at: int | None, examples=None):
     return ts.train_encoder(examples, vocab, epochs=4.0, layers=2, bf16=False, checkpoint=ckpt, checkpoint_every=5), ckpt
 
 
-def test_encoder_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch) -> None:
+def test_encoder_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch, deterministic_torch) -> None:
     """A fine-tune killed at step 8 and started again resumes from its step-5 checkpoint and ends with the weights of
     an uninterrupted run (optimiser, schedule, random generators and the epoch's batches restored); the checkpoint
     is removed at the end."""
@@ -541,7 +550,7 @@ def test_encoder_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_p
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
 
 
-def test_encoder_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch) -> None:
+def test_encoder_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch, deterministic_torch) -> None:
     """A checkpoint left by a run on other data is not silently mixed into this one."""
     from runtime.guard.train_screen import Example
 
