@@ -831,14 +831,17 @@ def focus_examples(examples: list[Example], pattern: str, *, replay: int = ENC_R
     A warm fine-tune on this set spends its steps on new data instead of on a random share of everything, which the
     encoder has already learnt; the replayed share keeps it from forgetting (rehearsal).
     """
-    def focused(e: Example) -> bool:
-        return bool(e.origin) and fnmatch.fnmatchcase(e.origin, pattern)
-
-    new = [e for e in examples if focused(e)]
+    new, old = [], []
+    for e in examples:
+        (new if is_from_files(e, pattern) else old).append(e)
     if not new:
         raise ValueError(f"no training example comes from a data/written file matching {pattern!r}")
-    old = [e for e in examples if not focused(e)]
     return new + random.Random(seed).sample(old, min(len(old), replay * len(new)))
+
+
+def is_from_files(example: Example, pattern: str) -> bool:
+    """Whether ``example`` came from (or was composed around a prompt of) a data/written file matching ``pattern``."""
+    return bool(example.origin) and fnmatch.fnmatchcase(example.origin, pattern)
 
 
 def _run_fingerprint(examples: list[Example], **settings: Any) -> str:
@@ -1157,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
                     enc_set = focus_examples(train_set, args.warm_focus)
                 except ValueError as e:
                     parser.error(str(e))
-                n_new = sum(bool(e.origin) and fnmatch.fnmatchcase(e.origin, args.warm_focus) for e in enc_set)
+                n_new = sum(is_from_files(e, args.warm_focus) for e in enc_set)
                 print(f"encoder fine-tune on {len(enc_set)} examples, {n_new} of them from {args.warm_focus}", file=sys.stderr)
             tensors.update(train_encoder(enc_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
                                          bf16=args.bf16, lr=args.encoder_lr, init=init,
