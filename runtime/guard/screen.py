@@ -90,6 +90,33 @@ class TextScore:
     pooled: np.ndarray | None = None  # the encoder's mean hidden state of its deciding window
     parts: tuple[float, float] = (0.0, 0.0)  # the n-gram part's and the encoder's own logits
     windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
+    gated: bool = False  # lifted to the threshold by the jailbreak-wrapper gate (:class:`WrapperGate`)
+
+
+@dataclass(frozen=True)
+class WrapperGate:
+    """A linear detector of jailbreak framing ("you are DAN", "no restrictions", "ignore your rules"),
+    trained on strong wrapper templates around requests of *both* labels, so it reads the framing and not
+    the request. Alone it would block persona prompts ("You are a calculator"); as a gate it only lifts a
+    text whose stacked logit is already within ``delta`` of the threshold.
+
+    Its input is the text's hashed features summed per feature id and L2-normalised, plus the dense
+    jailbreak signals.
+    """
+
+    w: np.ndarray  # (N_HASH,) float32
+    w_dense: np.ndarray  # (len(DENSE_NAMES),) float64
+    bias: float
+    threshold: float  # the detector's own cut (picked on dev benign texts)
+    delta: float  # how far below the screen's threshold a text may be and still be lifted
+
+    def logit(self, feats: Features) -> float:
+        dense = float(self.w_dense @ feats.dense) + self.bias
+        if feats.idx.size == 0:
+            return dense
+        ids, inverse = np.unique(feats.idx, return_inverse=True)
+        counts = np.bincount(inverse, weights=feats.val)
+        return float(self.w[ids].astype(np.float64) @ counts) / float(np.linalg.norm(counts)) + dense
 
 
 def _sigmoid(x: float) -> float:
@@ -132,6 +159,11 @@ class ScreenModel:
             self.output_threshold = float(meta["output_threshold"])
             self.context_margin = float(meta["context_margin"])
             self.version = str(meta["version"])
+            self.gate = None
+            if "gate.w" in tensors:  # files before the wrapper gate have none
+                gate = json.loads(meta["gate"])
+                self.gate = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"].astype(np.float64),
+                                        float(gate["bias"]), float(gate["threshold"]), float(gate["delta"]))
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
         n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
@@ -141,6 +173,8 @@ class ScreenModel:
             raise GuardError("guard weights have the wrong shape for this version of vault")
         if self.w_dense.shape != (len(DENSE_NAMES),) or json.loads(meta.get("dense", "[]")) != list(DENSE_NAMES):
             raise GuardError("guard weights were trained with other dense features")
+        if self.gate is not None and (self.gate.w.shape != (N_HASH,) or self.gate.w_dense.shape != (len(DENSE_NAMES),)):
+            raise GuardError("guard weights have the wrong shape for this version of vault")
 
     def hidden(self, feats: Features, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
         """The MLP's hidden layer for each word span [start, end): (spans, hidden)."""
@@ -169,7 +203,13 @@ class ScreenModel:
             w_cheap, w_enc, bias, length = self.multi_cheap, self.multi_enc, self.multi_bias, self.multi_length
         logit = w_cheap * float(cheap[i]) + w_enc * float(enc[j]) + bias
         logit -= length * math.log2(min(total, self.multi_cap))
-        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total)
+        # a jailbreak framing around a request the parts read only weakly (another language, ordinary words)
+        gated = (self.gate is not None and self.threshold - self.gate.delta <= logit < self.threshold
+                 and self.gate.logit(feats) >= self.gate.threshold)
+        if gated:
+            logit = self.threshold
+        return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
+                         gated)
 
     def tokens(self, text: str) -> int:
         """WordPiece tokens the encoder would read for ``text`` (before windowing)."""

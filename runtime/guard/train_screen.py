@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
-from runtime.guard.screen import CATEGORIES, LENGTH_CAP_WINDOWS, WINDOW_WORDS, ScreenModel, span_inputs, word_spans
+from runtime.guard.screen import (CATEGORIES, LENGTH_CAP_WINDOWS, WINDOW_WORDS, ScreenModel, WrapperGate, span_inputs,
+                                  word_spans)
 
 __all__ = ["Example", "build_datasets", "train", "main"]
 
@@ -961,8 +962,9 @@ def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndar
     return out
 
 
-def _meta(threshold: float, stack: dict[str, Any] | None = None) -> dict[str, str]:
+def _meta(threshold: float, stack: dict[str, Any] | None = None, gate: dict[str, float] | None = None) -> dict[str, str]:
     return {
+        **({"gate": json.dumps(gate, sort_keys=True)} if gate else {}),
         "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0, "length": 0.0}, sort_keys=True),
         "encoder_heads": "12",
         "format": "vault-guard-screen/2",
@@ -992,9 +994,9 @@ def serialize(tensors: dict[str, np.ndarray], meta: dict[str, str]) -> bytes:
     return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
-def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], float]:
+def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], float, np.ndarray]:
     """Weights of the two parts (logistic regression on dev, balanced), the threshold, and the weights of
-    texts that span several encoder windows.
+    texts that span several encoder windows; also the stacked dev logits.
 
     The threshold blocks TARGET_DEV_FPR of the chat-sized (one encoder window) benign dev texts. A max
     over more windows is higher on benign text too, the n-gram part's most of all (it reads every
@@ -1059,7 +1061,113 @@ def _stack(model: ScreenModel, dev: list[Example]) -> tuple[dict[str, Any], floa
         tb = np.quantile(parts[y == 0, col], 1.0 - TARGET_DEV_FPR)
         print(f"  {name} alone at the same dev FPR: recall {np.mean(parts[y == 1, col] >= tb):.3f}", file=sys.stderr)
     return {"cheap": float(theta[0]), "encoder": float(theta[1]), "bias": float(theta[2]), "length": 0.0,
-            "multi": multi}, t
+            "multi": multi}, t, z
+
+
+# -- the jailbreak-wrapper gate ------------------------------------------------------------------
+GATE_DRAWS = 10  # requests (of both labels) put into each strong or mild wrapper template
+GATE_C = 4.0  # inverse L2 strength of the detector's logistic regression
+GATE_FPRS = (0.001, 0.0025, 0.005, 0.01)  # candidate detector cuts: the share of dev benign texts it fires on
+GATE_DELTAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # candidate distances below the screen's threshold a text may be lifted from
+GATE_EXTRA_DEV_FP = 1  # dev benign texts the gate may add to the screen's blocks (and no benign persona prompt)
+_GATE_REQUEST_SOURCES = ("wrapped", "long", "mixed", "window", "stdlib", "paragraph", "personas", "output")
+
+
+def _gate_wrappers() -> dict[tuple[str, str], list[str]]:
+    """Wrapper templates by (role, strength): the written ones by family split, the first ones' train half."""
+    out: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
+    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
+        if template.count("{req}") == 1 and strength in ("strong", "mild"):
+            out[(_topic_role(family), strength)].append(template)
+    for split, kind, template in _tsv("wrappers.tsv"):
+        if split == "train" and kind in ("strong", "mild"):
+            out[("train", kind)].append(template)
+    return out
+
+
+def _gate_examples(pool: list[Example], templates: dict[str, list[str]], rng: random.Random) -> tuple[list[str], list[int]]:
+    """The detector's texts: "is there a strong jailbreak framing?", whatever the request inside.
+
+    Positives: each strong template around GATE_DRAWS requests of both labels, and whole jailbreak prompts.
+    Negatives: mild templates filled the same way, every benign text (persona and game-master prompts
+    included) and 30% of the harmful unwrapped ones. Compositions with wrappers are rebuilt, not reused:
+    in the screen's data strong wrappers only ever hold harmful requests.
+    """
+    requests = [e.text for e in pool if len(e.text) < 400 and not e.source.startswith(_GATE_REQUEST_SOURCES)]
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, kind in ((1, "strong"), (0, "mild")):
+        for template in templates[kind]:
+            for request in rng.sample(requests, min(GATE_DRAWS, len(requests))):
+                texts.append(_wrap(template, request))
+                labels.append(label)
+    for e in pool:
+        if e.source.startswith("wrapped"):
+            continue
+        if e.source == "written2-jailbreak":
+            texts.append(e.text)
+            labels.append(1)
+        elif e.label == 0 or rng.random() < 0.3:
+            texts.append(e.text)
+            labels.append(0)
+    return texts, labels
+
+
+def _gate_matrix(texts: list[str]) -> Any:
+    """Rows as :meth:`WrapperGate.logit` reads them: hashed features summed per id, L2-normalised, then the dense signals."""
+    from scipy.sparse import csr_matrix, hstack
+
+    rows, cols, vals, dense = [], [], [], []
+    for i, text in enumerate(texts):
+        feats = featurize(text)
+        rows.append(np.full(len(feats.idx), i))
+        cols.append(feats.idx)
+        vals.append(feats.val)
+        dense.append(feats.dense)
+    m = csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(texts), N_HASH))
+    m.sum_duplicates()
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    m = csr_matrix(m.multiply(1.0 / np.maximum(norms, 1e-12)[:, None]))
+    return hstack([m, csr_matrix(np.array(dense))]).tocsr()
+
+
+def wrapper_gate(train: list[Example], dev: list[Example], dev_logits: np.ndarray,
+                 threshold: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Train the jailbreak-wrapper detector and fit its gate on dev (:class:`runtime.guard.screen.WrapperGate`).
+
+    The detector's cut and ``delta`` are the pair from GATE_FPRS x GATE_DELTAS with the highest dev recall
+    that adds at most GATE_EXTRA_DEV_FP benign dev blocks to the screen's and no benign persona prompt.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    rng = random.Random(SEED)
+    wrappers = _gate_wrappers()
+    texts, labels = _gate_examples(train, {k: wrappers[("train", k)] for k in ("strong", "mild")}, rng)
+    clf = LogisticRegression(C=GATE_C, max_iter=3000, class_weight="balanced").fit(_gate_matrix(texts), labels)
+    coef = clf.coef_.ravel()
+    tensors = {"gate.w": coef[:N_HASH].astype(np.float16), "gate.w_dense": coef[N_HASH:].astype(np.float64)}
+    bias = float(clf.intercept_[0])
+    # dev is scored the way the run time reads the stored (float16) weights
+    probe = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"], bias, 0.0, 0.0)
+    g = np.array([probe.logit(featurize(e.text)) for e in dev])
+    y = np.array([e.label for e in dev])
+    personas = np.array([e.source == "personas" for e in dev])
+    base = dev_logits >= threshold
+    best: tuple[float, float, float] | None = None
+    for fpr in GATE_FPRS:
+        cut = float(np.quantile(g[y == 0], 1.0 - fpr))
+        for delta in GATE_DELTAS:
+            blocked = base | ((g >= cut) & (dev_logits >= threshold - delta))
+            if (blocked[y == 0].sum() - base[y == 0].sum() > GATE_EXTRA_DEV_FP
+                    or blocked[personas & (y == 0)].sum() > base[personas & (y == 0)].sum()):
+                continue
+            recall = float(blocked[y == 1].mean())
+            if best is None or recall > best[0] + 1e-12:
+                best = (recall, cut, delta)
+    recall, cut, delta = best if best is not None else (float(base[y == 1].mean()), float("inf"), 0.0)
+    print(f"wrapper gate: {len(texts)} texts ({sum(labels)} framed), cut {cut:.3f}, delta {delta}: dev recall "
+          f"{base[y == 1].mean():.4f} -> {recall:.4f}", file=sys.stderr)
+    return tensors, {"bias": round(bias, 6), "threshold": round(cut, 6), "delta": delta}
 
 
 def calibrate(tensors: dict[str, np.ndarray], examples: list[Example]) -> dict[str, np.ndarray]:
@@ -1144,7 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.restack or args.keep_encoder or args.warm_encoder:
         from safetensors.numpy import load_file
 
-        kept = dict(load_file(str(args.out / "screen.safetensors")))
+        # the wrapper gate is always trained again (it is fitted on the re-fitted stack's dev logits)
+        kept = {k: v for k, v in load_file(str(args.out / "screen.safetensors")).items() if not k.startswith("gate.")}
     if args.restack:
         tensors = kept
     else:
@@ -1167,10 +1276,12 @@ def main(argv: list[str] | None = None) -> int:
                                          checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
     tensors.update(calibrate(tensors, train_set))
     # the dev split is never trained on: it weighs the two parts and picks the threshold
-    stack, threshold = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
-    model = ScreenModel(tensors, _meta(threshold, stack))
+    stack, threshold, dev_logits = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
+    gate_tensors, gate = wrapper_gate(train_set, dev_set, dev_logits, threshold)
+    tensors.update(gate_tensors)
+    model = ScreenModel(tensors, _meta(threshold, stack, gate))
     if not args.evaluate_only:
-        blob = serialize(tensors, _meta(threshold, stack))
+        blob = serialize(tensors, _meta(threshold, stack, gate))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "screen.safetensors").write_bytes(blob)
         _write_heldout(sets, DATA / "heldout.jsonl")
