@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from runtime.guard.features import DENSE_NAMES, N_HASH, StaticEmbedding, featurize
-from runtime.guard.screen import (CATEGORIES, LENGTH_CAP_WINDOWS, WINDOW_WORDS, ScreenModel, WrapperGate, span_inputs,
-                                  word_spans)
+from runtime.guard.screen import (CATEGORIES, LENGTH_CAP_WINDOWS, WINDOW_WORDS, ScreenModel, WrapperGate, read_weights,
+                                  span_inputs, word_spans)
 
 __all__ = ["Example", "build_datasets", "train", "main"]
 
@@ -1145,10 +1145,10 @@ def wrapper_gate(train: list[Example], dev: list[Example], dev_logits: np.ndarra
     texts, labels = _gate_examples(train, {k: wrappers[("train", k)] for k in ("strong", "mild")}, rng)
     clf = LogisticRegression(C=GATE_C, max_iter=3000, class_weight="balanced").fit(_gate_matrix(texts), labels)
     coef = clf.coef_.ravel()
-    tensors = {"gate.w": coef[:N_HASH].astype(np.float16), "gate.w_dense": coef[N_HASH:].astype(np.float64)}
+    tensors = {"gate.w": coef[:N_HASH].astype(np.float16), "gate.w_dense": coef[N_HASH:].astype(np.float32)}
     bias = float(clf.intercept_[0])
     # dev is scored the way the run time reads the stored (float16) weights
-    probe = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"], bias, 0.0, 0.0)
+    probe = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"].astype(np.float64), bias, 0.0, 0.0)
     g = np.array([probe.logit(featurize(e.text)) for e in dev])
     y = np.array([e.label for e in dev])
     personas = np.array([e.source == "personas" for e in dev])
@@ -1211,6 +1211,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder matmuls in bfloat16 autocast (as the shipped weights were trained; ~2x faster on "
                              "AVX512-BF16/AMX CPUs, ~24x SLOWER elsewhere, where torch emulates it); default: on only "
                              "where the CPU has it")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="keep everything in OUT/screen.safetensors (parts, stack, threshold) and train and fit "
+                             "only the jailbreak-wrapper gate on its dev logits (a few minutes)")
     parser.add_argument("--restack", action="store_true",
                         help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
     parser.add_argument("--keep-encoder", action="store_true",
@@ -1230,8 +1233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-lr", type=float, default=None,
                         help=f"peak learning rate of the encoder fine-tune (default {ENC_LR}; {ENC_WARM_LR} with --warm-encoder)")
     args = parser.parse_args(argv)
-    if sum((args.restack, args.keep_encoder, args.warm_encoder)) > 1:
-        parser.error("use at most one of --restack, --keep-encoder and --warm-encoder")
+    if sum((args.restack, args.keep_encoder, args.warm_encoder, args.gate_only)) > 1:
+        parser.error("use at most one of --restack, --keep-encoder, --warm-encoder and --gate-only")
     if args.warm_focus and not args.warm_encoder:
         parser.error("--warm-focus needs --warm-encoder")
     if args.encoder_lr is None:
@@ -1249,12 +1252,12 @@ def main(argv: list[str] | None = None) -> int:
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    if args.restack or args.keep_encoder or args.warm_encoder:
+    if args.restack or args.keep_encoder or args.warm_encoder or args.gate_only:
         from safetensors.numpy import load_file
 
-        # the wrapper gate is always trained again (it is fitted on the re-fitted stack's dev logits)
+        # the wrapper gate is always trained again (it is fitted on the stack's dev logits)
         kept = {k: v for k, v in load_file(str(args.out / "screen.safetensors")).items() if not k.startswith("gate.")}
-    if args.restack:
+    if args.restack or args.gate_only:
         tensors = kept
     else:
         vocab, table = static_table([e.text for e in train_set])
@@ -1274,9 +1277,15 @@ def main(argv: list[str] | None = None) -> int:
             tensors.update(train_encoder(enc_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
                                          bf16=args.bf16, lr=args.encoder_lr, init=init,
                                          checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
-    tensors.update(calibrate(tensors, train_set))
-    # the dev split is never trained on: it weighs the two parts and picks the threshold
-    stack, threshold, dev_logits = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
+    if args.gate_only:
+        kept_meta = read_weights((args.out / "screen.safetensors").read_bytes())[1]
+        stack, threshold = json.loads(kept_meta["stack"]), float(kept_meta["threshold"])
+        kept_model = ScreenModel(tensors, kept_meta)
+        dev_logits = np.array([kept_model.score(e.text).logit for e in dev_set])
+    else:
+        tensors.update(calibrate(tensors, train_set))
+        # the dev split is never trained on: it weighs the two parts and picks the threshold
+        stack, threshold, dev_logits = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
     gate_tensors, gate = wrapper_gate(train_set, dev_set, dev_logits, threshold)
     tensors.update(gate_tensors)
     model = ScreenModel(tensors, _meta(threshold, stack, gate))
