@@ -517,9 +517,10 @@ def test_bf16_training_only_where_the_cpu_multiplies_bfloat16(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--restack", "--keep-encoder"], ["--keep-encoder", "--warm-encoder"],
-                                   ["--restack", "--warm-encoder"]])
+                                   ["--restack", "--warm-encoder"], ["--gate-only", "--restack"]])
 def test_part_keeping_modes_are_exclusive(flags, capsys) -> None:
-    """--restack keeps both trained parts, --keep-encoder the encoder, --warm-encoder continues it: one at a time."""
+    """--restack keeps both trained parts, --keep-encoder the encoder, --warm-encoder continues it, --gate-only keeps
+    everything but the wrapper gate: one at a time."""
     from runtime.guard.train_screen import main
 
     with pytest.raises(SystemExit) as exc:
