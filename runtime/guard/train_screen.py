@@ -1242,7 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.bf16 is None:
         args.bf16 = ENC_BF16 and cpu_has_bf16()
-        if ENC_BF16 and not args.bf16 and not (args.restack or args.keep_encoder):
+        if ENC_BF16 and not args.bf16 and not (args.restack or args.keep_encoder or args.gate_only):
             print("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): training the encoder in float32 "
                   "(weights will differ from the shipped ones; --bf16 forces it, about 24x slower here)", file=sys.stderr)
     import torch
