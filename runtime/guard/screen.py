@@ -61,7 +61,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "83e40a0430c1f4e67576ed7ef22a363babdb2a168c4f1716edbe93b9fff600d1"
+WEIGHTS_SHA256 = "c79bc872bac8bf62ad4f4c986f4c323ab051f162a7400e6ef112ab23625d4b3e"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
