@@ -420,6 +420,14 @@ def _topic_role(key: str) -> str:
     return "heldout" if b < WRITTEN_HELDOUT_PCT else "dev" if b < WRITTEN_HELDOUT_PCT + WRITTEN_DEV_PCT else "train"
 
 
+def _written_wrappers() -> dict[tuple[str, str], list[str]]:
+    """The written wrapper templates (one ``{req}`` slot) by (role of their family, strength)."""
+    wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
+    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
+        if template.count("{req}") == 1 and strength in ("strong", "mild"):
+            wrappers[(_topic_role(family), strength)].append(template)
+    return wrappers
+
 def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_paragraphs: dict, rng: random.Random) -> dict:
     """Add ``data/written`` prompts to the pools (split by topic) with their training compositions.
 
@@ -435,10 +443,7 @@ def _written_data(pools: dict[str, list[Example]], old_wrappers: dict, old_parag
     # whole benign prompts shaped like jailbreaks (benign_personas*.tsv): trained on as they are, held out
     # into benign_wrapped, never wrapped or composed again
     personas = [[*row, f] for f in _written_files("benign_personas") for row in _written_rows(f)]
-    wrappers: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
-    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
-        if template.count("{req}") == 1 and strength in ("strong", "mild"):
-            wrappers[(_topic_role(family), strength)].append(template)
+    wrappers = _written_wrappers()
     paragraphs: dict[str, list[str]] = {"train": [], "dev": [], "heldout": []}
     for _l, _c, topic, text in (row for f in _written_files("paragraphs") for row in _written_rows(f)):
         paragraphs[_topic_role(topic)].append(text)
@@ -1075,10 +1080,7 @@ _GATE_REQUEST_SOURCES = ("wrapped", "long", "mixed", "window", "stdlib", "paragr
 
 def _gate_wrappers() -> dict[tuple[str, str], list[str]]:
     """Wrapper templates by (role, strength): the written ones by family split, the first ones' train half."""
-    out: dict[tuple[str, str], list[str]] = {(r, k): [] for r in ("train", "dev", "heldout") for k in ("strong", "mild")}
-    for strength, family, _topic, template in (row for f in _written_files("wrappers") for row in _written_rows(f)):
-        if template.count("{req}") == 1 and strength in ("strong", "mild"):
-            out[(_topic_role(family), strength)].append(template)
+    out = _written_wrappers()
     for split, kind, template in _tsv("wrappers.tsv"):
         if split == "train" and kind in ("strong", "mild"):
             out[("train", kind)].append(template)
@@ -1253,10 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
     if args.restack or args.keep_encoder or args.warm_encoder or args.gate_only:
-        from safetensors.numpy import load_file
-
+        kept, kept_meta = read_weights((args.out / "screen.safetensors").read_bytes())
         # the wrapper gate is always trained again (it is fitted on the stack's dev logits)
-        kept = {k: v for k, v in load_file(str(args.out / "screen.safetensors")).items() if not k.startswith("gate.")}
+        kept = {k: v for k, v in kept.items() if not k.startswith("gate.")}
     if args.restack or args.gate_only:
         tensors = kept
     else:
@@ -1278,7 +1279,6 @@ def main(argv: list[str] | None = None) -> int:
                                          bf16=args.bf16, lr=args.encoder_lr, init=init,
                                          checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
     if args.gate_only:
-        kept_meta = read_weights((args.out / "screen.safetensors").read_bytes())[1]
         stack, threshold = json.loads(kept_meta["stack"]), float(kept_meta["threshold"])
         kept_model = ScreenModel(tensors, kept_meta)
         dev_logits = np.array([kept_model.score(e.text).logit for e in dev_set])
