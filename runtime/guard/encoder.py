@@ -24,7 +24,7 @@ import numpy as np
 from runtime.guard import encoder_int8
 from runtime.guard.features import StaticEmbedding
 
-__all__ = ["MAX_TOKENS", "STRIDE", "Encoder", "token_windows"]
+__all__ = ["MAX_TOKENS", "STRIDE", "Encoder", "bert_layers", "token_windows"]
 
 MAX_TOKENS = 128  # per window, [CLS] and [SEP] included
 STRIDE = 96  # tokens between window starts: windows overlap by 32 tokens
@@ -58,6 +58,36 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
 def _gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def bert_layers(x: np.ndarray, bias: np.ndarray, layers: Sequence[Mapping[str, np.ndarray]], n_heads: int,
+                observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
+    """BERT's transformer layers in float32 numpy: last hidden states (windows, tokens, dims) of the embedding
+    output ``x`` under the additive attention ``bias`` (windows, 1, 1, tokens). ``layers`` hold (in, out)
+    weights keyed as :data:`encoder_int8.KINDS`; ``observe(layer, kind, x)`` sees each linear layer's input."""
+    n, length, dims = x.shape
+    d = dims // n_heads
+    scale = np.float32(1.0 / math.sqrt(d))
+    for li, L in enumerate(layers):
+        if observe:
+            observe(li, "qkv", x)
+        qkv = x @ L["qkv"] + L["qkv_b"]  # (n, len, 3*dims)
+        q, k, v = (qkv[..., j * dims : (j + 1) * dims].reshape(n, length, n_heads, d).transpose(0, 2, 1, 3)
+                   for j in range(3))
+        att = (q @ k.transpose(0, 1, 3, 2)) * scale + bias
+        att = np.exp(att - att.max(axis=-1, keepdims=True))
+        att /= att.sum(axis=-1, keepdims=True)
+        ctx = (att @ v).transpose(0, 2, 1, 3).reshape(n, length, dims)
+        if observe:
+            observe(li, "o", ctx)
+        x = _layer_norm(ctx @ L["o"] + L["o_b"] + x, L["ln1_g"], L["ln1_b"])
+        if observe:
+            observe(li, "i", x)
+        h = _gelu(x @ L["i"] + L["i_b"])
+        if observe:
+            observe(li, "f", h)
+        x = _layer_norm(h @ L["f"] + L["f_b"] + x, L["ln2_g"], L["ln2_b"])
+    return x
 
 
 class Encoder:
@@ -193,28 +223,7 @@ class Encoder:
         if not self.layers:
             raise ValueError("the float32 reference needs an Encoder built with int8=False")
         x, mask, bias = self._embed(windows)
-        n, length = mask.shape
-        heads, d = self.n_heads, self.dims // self.n_heads
-        scale = np.float32(1.0 / math.sqrt(d))
-        for li, L in enumerate(self.layers):
-            if observe:
-                observe(li, "qkv", x)
-            qkv = x @ L["qkv"] + L["qkv_b"]  # (n, len, 3*dims)
-            q, k, v = (qkv[..., j * self.dims : (j + 1) * self.dims].reshape(n, length, heads, d).transpose(0, 2, 1, 3)
-                       for j in range(3))
-            att = (q @ k.transpose(0, 1, 3, 2)) * scale + bias
-            att = np.exp(att - att.max(axis=-1, keepdims=True))
-            att /= att.sum(axis=-1, keepdims=True)
-            ctx = (att @ v).transpose(0, 2, 1, 3).reshape(n, length, self.dims)
-            if observe:
-                observe(li, "o", ctx)
-            x = _layer_norm(ctx @ L["o"] + L["o_b"] + x, L["ln1_g"], L["ln1_b"])
-            if observe:
-                observe(li, "i", x)
-            h = _gelu(x @ L["i"] + L["i_b"])
-            if observe:
-                observe(li, "f", h)
-            x = _layer_norm(h @ L["f"] + L["f_b"] + x, L["ln2_g"], L["ln2_b"])
+        x = bert_layers(x, bias, self.layers, self.n_heads, observe)
         return (x * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
 
     def harm_logits(self, pooled: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from safetensors.numpy import load as st_load
 from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, featurize
 from runtime.guard.base import Verdict
 from runtime.guard.encoder import MAX_TOKENS as ENC_MAX_TOKENS, STRIDE as ENC_STRIDE, Encoder, token_windows
+from runtime.guard.multilingual import MultilingualHead
 from vault.errors import GuardError
 
 __all__ = [
@@ -61,7 +62,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "c79bc872bac8bf62ad4f4c986f4c323ab051f162a7400e6ef112ab23625d4b3e"
+WEIGHTS_SHA256 = "a80f732ca8a8b994d1552709c8664d3e965d89a7968daa211762a4e0dd7d05b0"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
@@ -91,6 +92,7 @@ class TextScore:
     parts: tuple[float, float] = (0.0, 0.0)  # the n-gram part's and the encoder's own logits
     windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
     gated: bool = False  # lifted to the threshold by the jailbreak-wrapper gate (:class:`WrapperGate`)
+    multilingual: np.ndarray | None = None  # lifted by the non-Latin reader (:mod:`multilingual`): its deciding window
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,15 @@ class ScreenModel:
                 gate = json.loads(meta["gate"])
                 self.gate = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"].astype(np.float64),
                                         float(gate["bias"]), float(gate["threshold"]), float(gate["delta"]))
+            self.multilingual = None
+            if "ml.w" in tensors:  # files before the non-Latin reader have none
+                ml = json.loads(meta["multilingual"])
+                calibration = {k[len("ml."):]: v.astype(np.float32) for k, v in tensors.items()
+                               if k.startswith("ml.") and ".calib." in k}
+                self.multilingual = MultilingualHead(
+                    tensors["ml.w"].astype(np.float32), float(tensors["ml.b"][0]), tensors["ml.cat_w"].astype(np.float32),
+                    tensors["ml.cat_b"].astype(np.float32), float(ml["threshold"]), float(ml["min_share"]),
+                    int(ml["layers"]), calibration if int8 else None)
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
         n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
@@ -181,11 +192,16 @@ class ScreenModel:
         return np.maximum(span_inputs(self.embedding, feats, starts, ends) @ self.w1 + self.b1, 0.0)
 
     # -- scoring -------------------------------------------------------------------------------
-    def score(self, text: str) -> TextScore:
-        """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked."""
+    def score(self, text: str, *, multilingual: bool = True) -> TextScore:
+        """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked.
+
+        ``multilingual``: a text mostly in a non-Latin script that the parts pass may be lifted to the threshold
+        by the non-Latin reader (:class:`MultilingualHead`); off where a lift to this threshold decides nothing
+        (the context score, which has a margin subtracted, and the output screen's higher threshold).
+        """
         if len(text) > _CHUNK_CHARS:
             parts = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
-            return max((self.score(p) for p in parts), key=lambda s: s.logit)
+            return max((self.score(p, multilingual=multilingual) for p in parts), key=lambda s: s.logit)
         feats = featurize(text)
         starts, ends = word_spans(feats.n_words)
         cheap = self.cheap_logits(feats, starts, ends)
@@ -208,8 +224,15 @@ class ScreenModel:
                  and self.gate.logit(feats) >= self.gate.threshold)
         if gated:
             logit = self.threshold
+        # a text in a script the encoder reads as [UNK] (Cyrillic, CJK, Arabic, Indic, ...): a second reader
+        lifted = None
+        ml = self.multilingual
+        if multilingual and ml is not None and logit < self.threshold and ml.applies(text):
+            ml_logit, ml_pooled = ml.score(text)
+            if ml_logit >= ml.threshold:
+                logit, lifted = self.threshold, ml_pooled
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
-                         gated)
+                         gated, lifted)
 
     def tokens(self, text: str) -> int:
         """WordPiece tokens the encoder would read for ``text`` (before windowing)."""
@@ -243,8 +266,11 @@ class ScreenModel:
         return [windows[k] for k in keep], len(windows)
 
     def category(self, scored: TextScore) -> tuple[str, float]:
-        """Most likely hazard category: the encoder's category head on its deciding window."""
-        if scored.pooled is not None:
+        """Most likely hazard category: the encoder's category head on its deciding window (the non-Latin
+        reader's, when it decided)."""
+        if scored.multilingual is not None and self.multilingual is not None:
+            logits = self.multilingual.category_logits(scored.multilingual)
+        elif scored.pooled is not None:
             logits = self.encoder.category_logits(scored.pooled[None, :])[0]
         else:
             logits = self.hidden(scored.features, np.array([scored.start]), np.array([scored.end]))[0] @ self.cat_w + self.cat_b
@@ -347,7 +373,7 @@ def screen_messages(model: ScreenModel, messages: Sequence[Mapping[str, Any]]) -
     scored = model.score(users[-1])
     systems = [_content(m) for m in messages if m.get("role") == "system"]
     if len(users) > 1 or systems:
-        ctx = model.score("\n".join(systems[-1:] + users[-3:]))
+        ctx = model.score("\n".join(systems[-1:] + users[-3:]), multilingual=False)
         ctx = TextScore(ctx.logit - model.context_margin, ctx.start, ctx.end, ctx.features)
         if ctx.logit > scored.logit:
             scored = ctx
@@ -356,7 +382,7 @@ def screen_messages(model: ScreenModel, messages: Sequence[Mapping[str, Any]]) -
 
 def screen_text_output(model: ScreenModel, text: str) -> Verdict:
     """Judge generated text: the classifier on the text, raised when it reads like a hazardous procedure."""
-    scored = model.score(text)
+    scored = model.score(text, multilingual=False)
     if _STEPS.search(text) and _HAZARD.search(text.casefold()):
         scored = TextScore(scored.logit + _OUTPUT_PATTERN_BONUS, scored.start, scored.end, scored.features)
     return model.verdict(scored, model.output_threshold, "output")

@@ -967,9 +967,11 @@ def with_static(tensors: dict[str, np.ndarray], vocab: list[str], table: np.ndar
     return out
 
 
-def _meta(threshold: float, stack: dict[str, Any] | None = None, gate: dict[str, float] | None = None) -> dict[str, str]:
+def _meta(threshold: float, stack: dict[str, Any] | None = None, gate: dict[str, float] | None = None,
+          multilingual: dict[str, Any] | None = None) -> dict[str, str]:
     return {
         **({"gate": json.dumps(gate, sort_keys=True)} if gate else {}),
+        **({"multilingual": json.dumps(multilingual, sort_keys=True)} if multilingual else {}),
         "stack": json.dumps(stack or {"cheap": 1.0, "encoder": 0.0, "bias": 0.0, "length": 0.0}, sort_keys=True),
         "encoder_heads": "12",
         "format": "vault-guard-screen/2",
@@ -1172,6 +1174,73 @@ def wrapper_gate(train: list[Example], dev: list[Example], dev_logits: np.ndarra
     return tensors, {"bias": round(bias, 6), "threshold": round(cut, 6), "delta": delta}
 
 
+ML_MIN_SHARE = 0.5  # the non-Latin reader reads texts at least half of whose letters are in a non-Latin script
+ML_MAX_WORDS = 90  # its training texts are chat-sized (one or two windows; it learns on the first)
+ML_LATIN_SAMPLE = 20000  # Latin-script training texts beside the non-Latin ones (the model carries their lessons across
+# languages); 20,000 had the best dev recall of 5,000, 20,000 and all 64,000 (non-Latin weighted 1x or 5x)
+ML_C = 0.1  # inverse L2 strength of its harm head (standardised inputs; chosen on dev with the layer count)
+ML_DEV_QUANTILE = 0.97  # its cut: above this share of the non-Latin benign dev texts' logits
+ML_CALIB_TEXTS = 300  # training texts (2/3 non-Latin) that calibrate its int8 graph
+
+
+def multilingual_head(train: list[Example], dev: list[Example]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Train the non-Latin reader's heads (:class:`runtime.guard.multilingual.MultilingualHead`) and its cut.
+
+    Its harm head is a logistic regression on the pooled first window of every chat-sized non-Latin training
+    text and ML_LATIN_SAMPLE Latin ones; the category head one on the harmful ones. The cut is the
+    ML_DEV_QUANTILE quantile of its logits (max over windows, as at run time) on the non-Latin benign dev texts.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from runtime.guard.encoder_int8 import calibration_tensors
+    from runtime.guard.multilingual import E5_SHA256, LAYERS, load_e5, non_latin_share
+
+    rng = random.Random(SEED)
+    short = [e for e in train if len(e.text.split()) <= ML_MAX_WORDS]
+    other = [e for e in short if non_latin_share(e.text) >= ML_MIN_SHARE]
+    latin = [e for e in short if non_latin_share(e.text) < ML_MIN_SHARE]
+    rng.shuffle(other)
+    rng.shuffle(latin)
+    reference = load_e5(layers=LAYERS)
+    sample = other[: ML_CALIB_TEXTS * 2 // 3] + latin[: ML_CALIB_TEXTS // 3]
+    peaks = calibration_tensors(reference, [w for e in sample for w in reference.windows(e.text)])
+    enc = load_e5(layers=LAYERS, peaks=peaks)
+    examples = other + latin[:ML_LATIN_SAMPLE]
+    x = np.array([enc.pooled(e.text)[0] for e in examples], dtype=np.float64)
+    y = np.array([e.label for e in examples])
+    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    z = (x - mu) / sd
+    harm = LogisticRegression(C=ML_C, max_iter=4000).fit(z, y)
+    w = harm.coef_.ravel() / sd
+    b = float(harm.intercept_[0] - (harm.coef_.ravel() * mu / sd).sum())
+    cats = [i for i, e in enumerate(examples) if e.label == 1 and e.category in CATEGORIES]
+    cat_w = np.zeros((x.shape[1], len(CATEGORIES)))
+    cat_b = np.full(len(CATEGORIES), -30.0)  # a category no training text had is never predicted
+    names = sorted({examples[i].category for i in cats})
+    if len(names) == 1:
+        cat_b[CATEGORIES.index(names[0])] = 0.0
+    elif names:
+        cat = LogisticRegression(C=1.0, max_iter=4000).fit(z[cats], [examples[i].category for i in cats])
+        # two classes: scikit-learn keeps one row, the second class's logit against a first at zero
+        coef, intercept = (cat.coef_, cat.intercept_) if len(names) > 2 else (
+            np.vstack([np.zeros_like(cat.coef_[0]), cat.coef_[0]]), np.array([0.0, cat.intercept_[0]]))
+        for r, c in enumerate(cat.classes_):
+            k = CATEGORIES.index(c)
+            cat_w[:, k] = coef[r] / sd
+            cat_b[k] = intercept[r] - (coef[r] * mu / sd).sum()
+    w32 = w.astype(np.float32)
+    dev_other = [e for e in dev if non_latin_share(e.text) >= ML_MIN_SHARE]
+    logits = np.array([float((enc.pooled(e.text) @ w32 + b).max()) for e in dev_other])
+    labels = np.array([e.label for e in dev_other])
+    cut = float(np.quantile(logits[labels == 0], ML_DEV_QUANTILE)) if (labels == 0).any() else float("inf")
+    print(f"non-Latin reader: {len(other)} non-Latin + {min(len(latin), ML_LATIN_SAMPLE)} Latin training texts; "
+          f"cut {cut:.3f}: dev non-Latin recall {(logits[labels == 1] >= cut).mean():.3f} (n={int(labels.sum())}), "
+          f"benign {(logits[labels == 0] >= cut).mean():.3f} (n={int((labels == 0).sum())})", file=sys.stderr)
+    tensors = {"ml.w": w32, "ml.b": np.array([b], dtype=np.float32), "ml.cat_w": cat_w.astype(np.float32),
+               "ml.cat_b": cat_b.astype(np.float32), **{"ml." + k: v for k, v in peaks.items()}}
+    return tensors, {"threshold": round(cut, 6), "min_share": ML_MIN_SHARE, "layers": LAYERS, "e5_sha256": E5_SHA256}
+
+
 def calibrate(tensors: dict[str, np.ndarray], examples: list[Example]) -> dict[str, np.ndarray]:
     """The int8 encoder graph's calibration (:mod:`encoder_int8`): max |activation| per input channel of
     each linear layer of the float32 reference, over the encoder windows (up to MAX_ENCODER_WINDOWS per
@@ -1216,6 +1285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-only", action="store_true",
                         help="keep everything in OUT/screen.safetensors (parts, stack, threshold) and train and fit "
                              "only the jailbreak-wrapper gate on its dev logits (a few minutes)")
+    parser.add_argument("--multilingual-only", action="store_true",
+                        help="keep everything in OUT/screen.safetensors (parts, stack, threshold, gate) and train only the "
+                             "non-Latin reader's heads and cut (a few minutes)")
     parser.add_argument("--restack", action="store_true",
                         help="keep the trained parts in OUT/screen.safetensors; re-fit only the stack, length term and threshold on dev")
     parser.add_argument("--keep-encoder", action="store_true",
@@ -1235,8 +1307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-lr", type=float, default=None,
                         help=f"peak learning rate of the encoder fine-tune (default {ENC_LR}; {ENC_WARM_LR} with --warm-encoder)")
     args = parser.parse_args(argv)
-    if sum((args.restack, args.keep_encoder, args.warm_encoder, args.gate_only)) > 1:
-        parser.error("use at most one of --restack, --keep-encoder, --warm-encoder and --gate-only")
+    if sum((args.restack, args.keep_encoder, args.warm_encoder, args.gate_only, args.multilingual_only)) > 1:
+        parser.error("use at most one of --restack, --keep-encoder, --warm-encoder, --gate-only and --multilingual-only")
     if args.warm_focus and not args.warm_encoder:
         parser.error("--warm-focus needs --warm-encoder")
     if args.encoder_lr is None:
@@ -1244,7 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.bf16 is None:
         args.bf16 = ENC_BF16 and cpu_has_bf16()
-        if ENC_BF16 and not args.bf16 and not (args.restack or args.keep_encoder or args.gate_only):
+        if ENC_BF16 and not args.bf16 and not (args.restack or args.keep_encoder or args.gate_only or args.multilingual_only):
             print("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): training the encoder in float32 "
                   "(weights will differ from the shipped ones; --bf16 forces it, about 24x slower here)", file=sys.stderr)
     import torch
@@ -1254,11 +1326,14 @@ def main(argv: list[str] | None = None) -> int:
     train_set, dev_set, sets = build_datasets(args.shared_data)
     print(f"train {len(train_set)} ({sum(e.label for e in train_set)} harmful), dev {len(dev_set)}, "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()), file=sys.stderr)
-    if args.restack or args.keep_encoder or args.warm_encoder or args.gate_only:
+    kept_modes = args.restack or args.keep_encoder or args.warm_encoder or args.gate_only or args.multilingual_only
+    if kept_modes:
         kept, kept_meta = read_weights((args.out / "screen.safetensors").read_bytes())
-        # the wrapper gate is always trained again (it is fitted on the stack's dev logits)
-        kept = {k: v for k, v in kept.items() if not k.startswith("gate.")}
-    if args.restack or args.gate_only:
+        # the non-Latin reader is always trained again, and the wrapper gate too (it is fitted on the stack's dev
+        # logits) unless only the reader is
+        kept = {k: v for k, v in kept.items()
+                if not k.startswith("ml.") and (args.multilingual_only or not k.startswith("gate."))}
+    if args.restack or args.gate_only or args.multilingual_only:
         tensors = kept
     else:
         vocab, table = static_table([e.text for e in train_set])
@@ -1278,7 +1353,10 @@ def main(argv: list[str] | None = None) -> int:
             tensors.update(train_encoder(enc_set, vocab, epochs=args.encoder_epochs, layers=args.encoder_layers,
                                          bf16=args.bf16, lr=args.encoder_lr, init=init,
                                          checkpoint=None if args.no_checkpoint else args.out / ENC_CHECKPOINT_NAME))
-    if args.gate_only:
+    if args.multilingual_only:
+        stack, threshold = json.loads(kept_meta["stack"]), float(kept_meta["threshold"])
+        gate = json.loads(kept_meta["gate"]) if "gate" in kept_meta else None
+    elif args.gate_only:
         stack, threshold = json.loads(kept_meta["stack"]), float(kept_meta["threshold"])
         kept_model = ScreenModel(tensors, kept_meta)
         dev_logits = np.array([kept_model.score(e.text).logit for e in dev_set])
@@ -1286,11 +1364,15 @@ def main(argv: list[str] | None = None) -> int:
         tensors.update(calibrate(tensors, train_set))
         # the dev split is never trained on: it weighs the two parts and picks the threshold
         stack, threshold, dev_logits = _stack(ScreenModel(tensors, _meta(0.0)), dev_set)
-    gate_tensors, gate = wrapper_gate(train_set, dev_set, dev_logits, threshold)
-    tensors.update(gate_tensors)
-    model = ScreenModel(tensors, _meta(threshold, stack, gate))
+    if not args.multilingual_only:
+        gate_tensors, gate = wrapper_gate(train_set, dev_set, dev_logits, threshold)
+        tensors.update(gate_tensors)
+    ml_tensors, multilingual = multilingual_head(train_set, dev_set)
+    tensors.update(ml_tensors)
+    meta = _meta(threshold, stack, gate, multilingual)
+    model = ScreenModel(tensors, meta)
     if not args.evaluate_only:
-        blob = serialize(tensors, _meta(threshold, stack, gate))
+        blob = serialize(tensors, meta)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "screen.safetensors").write_bytes(blob)
         _write_heldout(sets, DATA / "heldout.jsonl")

