@@ -79,6 +79,7 @@ def test_long_text_reads_at_most_max_windows() -> None:
     enc = load_e5()
     windows = enc.windows("слово " * 2000)
     assert len(windows) == ml.MAX_WINDOWS
+    assert enc.windows("слово " * 2000 + "бомба") == windows  # past MAX_CHARS nothing is tokenised
     assert all(len(w) <= ml.WINDOW_TOKENS + 2 and w[0] == enc.bos and w[-1] == enc.eos for w in windows)
 
 

@@ -24,7 +24,7 @@ import importlib.util
 import math
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -42,6 +42,9 @@ E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"  
 LAYERS = 6  # of 12: on dev, 6 layers' pooled states separated harmful non-Latin texts as well as all 12, at half the cost
 WINDOW_TOKENS = 126  # content tokens per window (<s> and </s> added): the screen encoder's window size
 MAX_WINDOWS = 4  # windows read per text (the first ones); the text's logit is the max over them
+# characters tokenised per text: enough for MAX_WINDOWS windows at 6 characters a token (most pieces are shorter), so
+# that a long text costs no more than a few milliseconds of pure-Python Viterbi
+MAX_CHARS = MAX_WINDOWS * WINDOW_TOKENS * 6
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
@@ -241,8 +244,9 @@ class E5Encoder:
             self.layers = []
 
     def windows(self, text: str) -> list[list[int]]:
-        """Token ids of ``PREFIX + text`` in windows of WINDOW_TOKENS (the first MAX_WINDOWS), <s> and </s> added."""
-        ids = self.tokenizer.encode(PREFIX + text)
+        """Token ids of ``PREFIX + text`` (its first MAX_CHARS characters) in windows of WINDOW_TOKENS (the first
+        MAX_WINDOWS), <s> and </s> added."""
+        ids = self.tokenizer.encode(PREFIX + text[:MAX_CHARS])
         chunks = [ids[i : i + WINDOW_TOKENS] for i in range(0, max(len(ids), 1), WINDOW_TOKENS)][:MAX_WINDOWS]
         return [[self.bos, *c, self.eos] for c in chunks]
 
@@ -272,7 +276,7 @@ class E5Encoder:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MultilingualHead:
     """The harm and category heads on :class:`E5Encoder`'s pooled windows, and when they apply.
 
@@ -288,8 +292,8 @@ class MultilingualHead:
     min_share: float
     layers: int
     calibration: Mapping[str, np.ndarray] | None  # encoder_int8 names; None: the float32 reference runs
-    _encoder: list = None  # type: ignore[assignment]  # [E5Encoder], built at first use
-    _lock: threading.Lock = None  # type: ignore[assignment]
+    _encoder: list = field(default_factory=list, init=False, repr=False)  # [E5Encoder], built at first use
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Raises ValueError: heads of the wrong shape, or an int8 layer without calibration."""
@@ -301,8 +305,6 @@ class MultilingualHead:
         missing = missing if self.calibration is not None else []
         if missing:
             raise ValueError(f"the multilingual reader has no int8 calibration for {missing[0]}")
-        object.__setattr__(self, "_encoder", [])
-        object.__setattr__(self, "_lock", threading.Lock())
 
     def applies(self, text: str) -> bool:
         return non_latin_share(text) >= self.min_share
