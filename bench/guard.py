@@ -3,15 +3,18 @@
 
 Per-prompt wall time (p50, p99) of ``screen_messages`` on held-out prompts, in two sizes:
 
-    chat   prompts under 128 tokens (held-out direct, benign and XSTest prompts)
+    chat   prompts under 128 tokens (held-out direct, benign and XSTest prompts) in English
+    chat_multilingual   the same in other languages: the ones the multilingual reader reads (non-Latin scripts,
+                        and Latin-script texts the language identifier gives to another language than English)
     long   prompts of 1,000+ tokens (held-out buried requests and long benign texts)
 
 measured with the process pinned to 1 CPU and to 2 CPUs (the screen itself is single-threaded).
 The baseline, measured in the same run on the same prompts, is what a guard built on the base
 model would pay at the very least: one llama.cpp forward pass of the prompt through the
 embedded SmolLM2-135M (2 threads), no generation. Ratios are baseline / ours (> 1: we are faster).
-Also: the output screen on a 256-token answer (it runs every 16 tokens while streaming), and the
-encoder alone: its int8 onnxruntime graph (what runs) against its float32 numpy reference (what
+Also: the output screen on a 256-token answer (it runs every 16 tokens while streaming), the chat-sized
+prompts' score with the multilingual reader and without it (interleaved, 1 CPU: for English prompts that is the
+language identifier's cost, for the others the reader's), and the encoder alone: its int8 onnxruntime graph (what runs) against its float32 numpy reference (what
 ran before it), on the same windows, 1 CPU.
 
 If bench/guard_audit.py exists (the adapter audit's benchmark) its main() runs afterwards.
@@ -60,6 +63,20 @@ def _time_screen(model, prompts: list[str], runs: int) -> list[float]:
     return out
 
 
+def _time_reader(model, prompts: list[str], runs: int) -> dict[str, float]:
+    """The screen's score with the multilingual reader (as shipped) and without it, interleaved per prompt."""
+    on, off = [], []
+    for _ in range(runs):
+        for p in prompts:
+            for flag, acc in ((True, on), (False, off)):
+                model.encoder.clear_memo()
+                t0 = time.perf_counter()
+                model.score(p, multilingual=flag)
+                acc.append(time.perf_counter() - t0)
+    return {"with_reader_p50_ms": _pct(on)["p50_ms"], "without_reader_p50_ms": _pct(off)["p50_ms"],
+            "ratio_with_over_without_median": statistics.median(on) / statistics.median(off)}
+
+
 def _time_forward(llm, prompts: list[str]) -> list[float]:
     out = []
     for p in prompts:
@@ -105,16 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     base = default_model()
     llm = Llama(model_path=str(base.path), n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
     rows = load_heldout()
-    sizes: dict[str, list[str]] = {"chat": [], "long": []}
+    sizes: dict[str, list[str]] = {"chat": [], "chat_multilingual": [], "long": []}
+    model = load_model()
     t0 = time.perf_counter()
     for r in rows:
         n = _tokens(llm, r["prompt"])
         if n < 128 and r["set"] in ("direct", "benign", "xstest_safe"):
-            sizes["chat"].append(r["prompt"])
+            other = model.multilingual is not None and model.multilingual.cut(r["prompt"]) is not None
+            sizes["chat_multilingual" if other else "chat"].append(r["prompt"])
         elif n >= 1000:
             sizes["long"].append(r["prompt"])
-    print(f"sorted {len(rows)} held-out prompts by token count in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    model = load_model()
+    print(f"sorted {len(rows)} held-out prompts by token count and language in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     screen_messages(model, [{"role": "user", "content": "warm up"}])
     # the float32 reference the int8 graph is timed against (the run-time model drops its float32 layers)
     reference = ScreenModel(*read_weights(WEIGHTS_PATH.read_bytes()), int8=False)
@@ -129,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             res[f"screen_{ncpu}cpu"] = _pct(_time_screen(model, prompts, args.runs))
         os.sched_setaffinity(0, cpus[:1])
         res["encoder_1cpu"] = _time_encoder(model, reference, prompts[: 20 * args.baseline_prompts])
+        if size.startswith("chat"):
+            res["reader_1cpu"] = _time_reader(model, prompts[: 20 * args.baseline_prompts], 1)
         os.sched_setaffinity(0, cpus[:2])
         sample = prompts[: args.baseline_prompts]
         print(f"{size}: screen timed; llama.cpp baseline on {len(sample)} prompts", file=sys.stderr)
@@ -153,15 +174,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2, sort_keys=True))
     else:
         print(f"guard screen latency (held-out prompts; baseline = one llama.cpp forward pass of {base.name}, 2 threads)")
-        for size in ("chat", "long"):
+        for size in ("chat", "chat_multilingual", "long"):
             if size not in results:
                 continue
             r = results[size]
-            print(f"  {size:5s} ({r['screen_1cpu']['n'] // args.runs} prompts, median {r['median_tokens']:.0f} tokens): "
+            print(f"  {size:17s} ({r['screen_1cpu']['n'] // args.runs} prompts, median {r['median_tokens']:.0f} tokens): "
                   f"1 cpu p50 {r['screen_1cpu']['p50_ms']:.2f} ms p99 {r['screen_1cpu']['p99_ms']:.2f} ms | "
                   f"2 cpus p50 {r['screen_2cpu']['p50_ms']:.2f} ms p99 {r['screen_2cpu']['p99_ms']:.2f} ms | "
                   f"forward p50 {r['llama_forward_2threads']['p50_ms']:.1f} ms -> "
                   f"{r['ratio_forward_over_screen_median']:.0f}x faster")
+            if "reader_1cpu" in r:
+                m = r["reader_1cpu"]
+                print(f"        score with the multilingual reader p50 {m['with_reader_p50_ms']:.2f} ms, without "
+                      f"{m['without_reader_p50_ms']:.2f} ms -> {m['ratio_with_over_without_median']:.2f}x")
             e = r["encoder_1cpu"]
             print(f"        encoder alone, 1 cpu: int8 graph p50 {e['int8_p50_ms']:.2f} ms, float32 reference p50 "
                   f"{e['float32_p50_ms']:.2f} ms -> {e['ratio_float32_over_int8_median']:.1f}x faster")

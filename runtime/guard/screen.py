@@ -196,8 +196,9 @@ class ScreenModel:
     def score(self, text: str, *, multilingual: bool = True) -> TextScore:
         """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked.
 
-        ``multilingual``: a text mostly in a non-Latin script that the parts pass may be lifted to the threshold
-        by the non-Latin reader (:class:`MultilingualHead`); off where a lift to this threshold decides nothing
+        ``multilingual``: a text in another language than English (mostly non-Latin, or Latin by the language
+        identifier) that the parts pass may be lifted to the threshold by the multilingual reader
+        (:class:`MultilingualHead`); off where a lift to this threshold decides nothing
         (the context score, which has a margin subtracted, and the output screen's higher threshold).
         """
         if len(text) > _CHUNK_CHARS:
