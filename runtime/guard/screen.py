@@ -62,7 +62,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "9b4aa98c82e920b3ef726e876cfd7cc1e0abe132804d5105705c8d2a8da5b230"
+WEIGHTS_SHA256 = "2b80163054bd5a23bff0f4b191263064710a3e2d12dba29eb4ce705d36bc1624"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
