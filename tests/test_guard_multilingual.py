@@ -173,3 +173,25 @@ def test_heads_fit_keeps_dev_budget() -> None:
     for cut, first in ((meta["threshold"], "к"), (meta["latin_threshold"], "¿")):  # the non-Latin and the Latin cut
         benign = np.array([head.score(e.text)[0] for e in dev if e.label == 0 and e.text[0] == first])
         assert len(benign) == 40 and (benign >= cut).mean() <= 1.0 - ML_DEV_QUANTILE + 1e-9 + 1.0 / len(benign)
+
+
+def test_latin_stack_keeps_the_union_share_of_benign_dev_texts() -> None:
+    """The Latin stack's cut blocks the share of benign dev texts that "the screen's threshold or the reader's cut"
+    blocked; its weights are positive; one label alone gives no stack."""
+    from runtime.guard.multilingual import LATIN_STACK_CLIP
+    from runtime.guard.train_screen import latin_stack
+
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = np.array([0] * n + [1] * n)
+    # two noisy readings of the same label: the weighed sum separates better than either cut alone
+    screen = np.where(labels == 1, 2.0, -1.0) + rng.normal(0.0, 1.6, 2 * n)
+    reader = np.where(labels == 1, 3.0, -3.0) + rng.normal(0.0, 4.0, 2 * n)
+    threshold, reader_cut = 2.5, 5.0
+    w_screen, w_reader, cut = latin_stack(screen, reader, labels, threshold, reader_cut)
+    assert w_screen > 0 and w_reader > 0
+    union = (screen >= threshold) | (reader >= reader_cut)
+    stacked = w_screen * np.clip(screen, *LATIN_STACK_CLIP[0]) + w_reader * np.clip(reader, *LATIN_STACK_CLIP[1]) >= cut
+    assert abs(stacked[labels == 0].sum() - union[labels == 0].sum()) <= 1
+    assert stacked[labels == 1].sum() > union[labels == 1].sum()
+    assert latin_stack(screen[:n], reader[:n], labels[:n], threshold, reader_cut) is None

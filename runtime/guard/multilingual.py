@@ -50,6 +50,9 @@ MAX_WINDOWS = 4  # windows read per text (the first ones); the text's logit is t
 # characters tokenised per text: enough for MAX_WINDOWS windows at 6 characters a token (most pieces are shorter), so
 # that a long text costs no more than a few milliseconds of pure-Python Viterbi
 MAX_CHARS = MAX_WINDOWS * WINDOW_TOKENS * 6
+# the Latin stack's inputs are clipped to these ranges first (the screen's logit, the reader's), so that one reader's
+# extreme logit cannot outvote the other alone by more than the clipped range allows
+LATIN_STACK_CLIP = ((-10.0, 15.0), (-15.0, 20.0))
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
@@ -299,7 +302,9 @@ class MultilingualHead:
     is lifted to the screen's threshold (it is blocked); the screen's own logit is never lowered. A Latin-script
     text that the language identifier (:mod:`runtime.guard.language`) gives to another language than English,
     with probability at least ``latin_min_prob``, is read the same way against ``latin_threshold`` (None: such
-    texts are not read).
+    texts are not read), or, when the weights carry ``latin_stack``, judged by both readers weighed together
+    (:meth:`latin_margin`): the English parts read such a text only partly, so there the stack may lower the
+    screen's logit as well as raise it.
     """
 
     w1: np.ndarray  # (members, dims, hidden) float32, standardisation folded in
@@ -314,6 +319,8 @@ class MultilingualHead:
     calibration: Mapping[str, np.ndarray] | None  # encoder_int8 names; None: the float32 reference runs
     latin_threshold: float | None = None
     latin_min_prob: float = 0.5
+    # (weight of the screen's logit, weight of the reader's, cut), fitted on dev; None: Latin texts are lifted alone
+    latin_stack: tuple[float, float, float] | None = None
     _encoder: list = field(default_factory=list, init=False, repr=False)  # [E5Encoder], built at first use
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _lid: LanguageId = field(default_factory=LanguageId, init=False, repr=False)
@@ -329,12 +336,27 @@ class MultilingualHead:
         missing = missing if self.calibration is not None else []
         if missing:
             raise ValueError(f"the multilingual reader has no int8 calibration for {missing[0]}")
+        if self.latin_stack is not None and (len(self.latin_stack) != 3 or not all(map(math.isfinite, self.latin_stack))):
+            raise ValueError("the multilingual reader's Latin stack is malformed")
+
+    def kind(self, text: str) -> str | None:
+        """``"non_latin"``, ``"latin"`` (not English) or None (this reader does not read ``text``): :func:`reader_kind`."""
+        lid = self._lid if self.latin_threshold is not None else None
+        return reader_kind(text, lid, self.min_share, self.latin_min_prob)
 
     def cut(self, text: str) -> float | None:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
-        lid = self._lid if self.latin_threshold is not None else None
-        kind = reader_kind(text, lid, self.min_share, self.latin_min_prob)
+        kind = self.kind(text)
         return self.threshold if kind == "non_latin" else self.latin_threshold if kind == "latin" else None
+
+    def latin_margin(self, screen_logit: float, reader_logit: float) -> float:
+        """How far a Latin non-English text is above the Latin stack's cut (blocked iff >= 0): a weighed sum of the
+        screen's logit (its parts and gate) and this reader's, each clipped to :data:`LATIN_STACK_CLIP`."""
+        if self.latin_stack is None:
+            raise ValueError("these weights have no Latin stack")
+        w_screen, w_reader, cut = self.latin_stack
+        (lo_s, hi_s), (lo_r, hi_r) = LATIN_STACK_CLIP
+        return w_screen * min(max(screen_logit, lo_s), hi_s) + w_reader * min(max(reader_logit, lo_r), hi_r) - cut
 
     def encoder(self) -> E5Encoder:
         """The encoder (int8, or the float32 reference without calibration), read and verified at first use

@@ -62,7 +62,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "2b80163054bd5a23bff0f4b191263064710a3e2d12dba29eb4ce705d36bc1624"
+WEIGHTS_SHA256 = "c2c199f8d4174d568a65225c59ec8fee6f57297ea68363c656dbd012c451e4f3"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
@@ -175,7 +175,8 @@ class ScreenModel:
                     *(tensors[f"ml.{k}"].astype(np.float32) for k in ("w1", "b1", "w2", "b2", "cat_w", "cat_b")),
                     float(ml["threshold"]), float(ml["min_share"]),
                     int(ml["layers"]), calibration if int8 else None,
-                    float(ml["latin_threshold"]), float(ml["latin_min_prob"]))
+                    float(ml["latin_threshold"]), float(ml["latin_min_prob"]),
+                    tuple(float(v) for v in ml["latin_stack"]) if "latin_stack" in ml else None)
         except (KeyError, ValueError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GuardError(f"guard weights are incomplete: {exc}") from None
         n_in = self.embedding.dims + len(DENSE_NAMES) + len(LEXICON)
@@ -196,9 +197,10 @@ class ScreenModel:
     def score(self, text: str, *, multilingual: bool = True) -> TextScore:
         """Harm logit of ``text``: the two parts' logits (each a max over its windows), stacked.
 
-        ``multilingual``: a text in another language than English (mostly non-Latin, or Latin by the language
-        identifier) that the parts pass may be lifted to the threshold by the multilingual reader
-        (:class:`MultilingualHead`); off where a lift to this threshold decides nothing
+        ``multilingual``: a text in a non-Latin script that the parts pass may be lifted to the threshold by the
+        multilingual reader (:class:`MultilingualHead`); a Latin-script text in another language than English (by the
+        language identifier) is judged by the reader and the parts weighed together, which may lift it or lower it
+        (:meth:`MultilingualHead.latin_margin`; older weights: lifted like the others); off where this decides nothing
         (the context score, which has a margin subtracted, and the output screen's higher threshold).
         """
         if len(text) > _CHUNK_CHARS:
@@ -230,9 +232,18 @@ class ScreenModel:
         # not in English (the parts read English): a second, multilingual reader
         lifted = None
         ml = self.multilingual
-        if multilingual and ml is not None and logit < self.threshold and (cut := ml.cut(text)) is not None:
+        kind = ml.kind(text) if multilingual and ml is not None else None
+        if kind == "latin" and ml.latin_stack is not None:
+            # a Latin-script text in another language: the English parts read it only partly, so both readers are
+            # weighed together (fitted on dev), and the stack decides either way: it lifts and it vetoes
             ml_logit, ml_pooled = ml.score(text)
-            if ml_logit >= cut:
+            margin = ml.latin_margin(logit, ml_logit)
+            if margin >= 0 and logit < self.threshold:
+                lifted = ml_pooled
+            logit = self.threshold + margin
+        elif kind is not None and logit < self.threshold:
+            ml_logit, ml_pooled = ml.score(text)
+            if ml_logit >= (ml.threshold if kind == "non_latin" else ml.latin_threshold):
                 logit, lifted = self.threshold, ml_pooled
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
                          gated, lifted)
