@@ -176,9 +176,9 @@ def test_heads_fit_keeps_dev_budget() -> None:
 
 
 def test_latin_stack_keeps_the_union_share_of_benign_dev_texts() -> None:
-    """The Latin stack's cut blocks the share of benign dev texts that "the screen's threshold or the reader's cut"
-    blocked; its weights are positive; one label alone gives no stack."""
-    from runtime.guard.multilingual import LATIN_STACK_CLIP
+    """The Latin stack's cut, with the texts its veto cap keeps blocked, blocks the share of benign dev texts that "the
+    screen's threshold or the reader's cut" blocked; its weights are positive; one label alone gives no stack."""
+    from runtime.guard.multilingual import LATIN_STACK_CLIP, LATIN_VETO_CAP
     from runtime.guard.train_screen import latin_stack
 
     rng = np.random.default_rng(0)
@@ -192,6 +192,7 @@ def test_latin_stack_keeps_the_union_share_of_benign_dev_texts() -> None:
     assert w_screen > 0 and w_reader > 0
     union = (screen >= threshold) | (reader >= reader_cut)
     stacked = w_screen * np.clip(screen, *LATIN_STACK_CLIP[0]) + w_reader * np.clip(reader, *LATIN_STACK_CLIP[1]) >= cut
+    stacked |= screen >= threshold + LATIN_VETO_CAP  # the cap keeps these blocked, and they count
     assert abs(stacked[labels == 0].sum() - union[labels == 0].sum()) <= 1
     assert stacked[labels == 1].sum() > union[labels == 1].sum()
     assert latin_stack(screen[:n], reader[:n], labels[:n], threshold, reader_cut) is None

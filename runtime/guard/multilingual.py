@@ -53,6 +53,12 @@ MAX_CHARS = MAX_WINDOWS * WINDOW_TOKENS * 6
 # the Latin stack's inputs are clipped to these ranges first (the screen's logit, the reader's), so that one reader's
 # extreme logit cannot outvote the other alone by more than the clipped range allows
 LATIN_STACK_CLIP = ((-10.0, 15.0), (-15.0, 20.0))
+# the Latin stack lifts and lowers, but it does not lower a text the screen alone puts this far above its threshold.
+# An attacker can pad an English request with pleasantries in another language so that it reads as not English: on
+# 300 held-out English requests (262 blocked unpadded) the worst of 12 such pads let 20 more through without a cap
+# (Dutch), 5 with this one (Spanish), and 13 under the reader's earlier lift-only rule. Picked on dev: the smallest cap
+# within half a point of the uncapped stack's Latin recall at the same benign share (1.0: -0.3; 0.5: -1.4; docs/experiments)
+LATIN_VETO_CAP = 1.0
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
@@ -348,6 +354,12 @@ class MultilingualHead:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
         kind = self.kind(text)
         return self.threshold if kind == "non_latin" else self.latin_threshold if kind == "latin" else None
+
+    def latin_logit(self, screen_logit: float, reader_logit: float, threshold: float) -> float:
+        """The screen's logit of a Latin non-English text: ``threshold`` plus the stack's margin, or the screen's own
+        logit when that is higher and at least :data:`LATIN_VETO_CAP` above ``threshold`` (blocked iff >= threshold)."""
+        stacked = threshold + self.latin_margin(screen_logit, reader_logit)
+        return max(stacked, screen_logit) if screen_logit >= threshold + LATIN_VETO_CAP else stacked
 
     def latin_margin(self, screen_logit: float, reader_logit: float) -> float:
         """How far a Latin non-English text is above the Latin stack's cut (blocked iff >= 0): a weighed sum of the

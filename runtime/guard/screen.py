@@ -62,7 +62,7 @@ CATEGORY_NAMES: dict[str, str] = {
 WEIGHTS_PATH = Path(__file__).resolve().parent / "weights" / "screen.safetensors"
 HELDOUT_PATH = Path(__file__).resolve().parent / "data" / "heldout.jsonl"
 # Pinned digest of the shipped weights; train_screen.py prints the new one after training.
-WEIGHTS_SHA256 = "c2c199f8d4174d568a65225c59ec8fee6f57297ea68363c656dbd012c451e4f3"
+WEIGHTS_SHA256 = "59d1519b0eb1a4577e770525446816a6695065b8fd31d6b295e8f59670b16c54"
 
 WINDOW_WORDS = 48  # sliding window (words) of the n-gram part for long texts; about one paragraph
 MAX_ENCODER_WINDOWS = 4  # encoder windows per text (~500 tokens; ~25 ms each on one core, 6 layers); longer texts: where the n-gram part scores highest
@@ -200,7 +200,7 @@ class ScreenModel:
         ``multilingual``: a text in a non-Latin script that the parts pass may be lifted to the threshold by the
         multilingual reader (:class:`MultilingualHead`); a Latin-script text in another language than English (by the
         language identifier) is judged by the reader and the parts weighed together, which may lift it or lower it
-        (:meth:`MultilingualHead.latin_margin`; older weights: lifted like the others); off where this decides nothing
+        (:meth:`MultilingualHead.latin_logit`; older weights: lifted like the others); off where this decides nothing
         (the context score, which has a margin subtracted, and the output screen's higher threshold).
         """
         if len(text) > _CHUNK_CHARS:
@@ -235,12 +235,12 @@ class ScreenModel:
         kind = ml.kind(text) if multilingual and ml is not None else None
         if kind == "latin" and ml.latin_stack is not None:
             # a Latin-script text in another language: the English parts read it only partly, so both readers are
-            # weighed together (fitted on dev), and the stack decides either way: it lifts and it vetoes
+            # weighed together (fitted on dev), and the stack decides either way, up to a cap: it lifts and it vetoes
             ml_logit, ml_pooled = ml.score(text)
-            margin = ml.latin_margin(logit, ml_logit)
-            if margin >= 0 and logit < self.threshold:
+            stacked = ml.latin_logit(logit, ml_logit, self.threshold)
+            if stacked >= self.threshold > logit:
                 lifted = ml_pooled
-            logit = self.threshold + margin
+            logit = stacked
         elif kind is not None and logit < self.threshold:
             ml_logit, ml_pooled = ml.score(text)
             if ml_logit >= (ml.threshold if kind == "non_latin" else ml.latin_threshold):

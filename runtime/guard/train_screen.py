@@ -1203,8 +1203,9 @@ def multilingual_head(train: list[Example], dev: list[Example], screen_logit: Ca
 
     With ``screen_logit`` (the screen's logit of a text without this reader: parts, stack and gate) and the screen's
     ``threshold``, the Latin stack is fitted too: a balanced logistic regression on the Latin non-English dev texts'
-    two clipped logits (:data:`~runtime.guard.multilingual.LATIN_STACK_CLIP`), its cut set so that it blocks the same
-    share of their benign ones as "the screen's threshold or the reader's Latin cut" did (docs/experiments: on dev
+    two clipped logits (:data:`~runtime.guard.multilingual.LATIN_STACK_CLIP`), its cut set so that it (with the texts
+    its veto cap keeps blocked) blocks the same share of their benign ones as "the screen's threshold or the reader's
+    Latin cut" did (docs/experiments: on dev
     that rule let 8.3% of such benign texts through to a block; the stack at the same share recalled 83% of their
     harmful ones against 77%).
     """
@@ -1302,7 +1303,7 @@ def latin_stack(screen: np.ndarray, reader: np.ndarray, labels: np.ndarray, thre
     when the dev texts do not have both labels."""
     from sklearn.linear_model import LogisticRegression
 
-    from runtime.guard.multilingual import LATIN_STACK_CLIP
+    from runtime.guard.multilingual import LATIN_STACK_CLIP, LATIN_VETO_CAP
 
     if not labels.any() or labels.all():
         return None
@@ -1313,12 +1314,17 @@ def latin_stack(screen: np.ndarray, reader: np.ndarray, labels: np.ndarray, thre
         print(f"Latin stack: weights {w.round(3).tolist()} not both positive, not used", file=sys.stderr)
         return None
     union = (screen >= threshold) | (reader >= reader_cut)
-    share = float(union[labels == 0].mean())
+    benign = labels == 0
     z = x @ w
-    cut = float(np.quantile(z[labels == 0], 1.0 - share))
-    print(f"Latin stack: weights {w.round(3).tolist()}, cut {cut:.3f}: dev recall {(z[labels == 1] >= cut).mean():.3f} "
-          f"(the union: {union[labels == 1].mean():.3f}, n={int(labels.sum())}), benign {(z[labels == 0] >= cut).mean():.3f} "
-          f"({share:.3f}, n={int((labels == 0).sum())})", file=sys.stderr)
+    # texts the cap keeps blocked (LATIN_VETO_CAP) count against the share; the cut takes the rest of it
+    capped = screen >= threshold + LATIN_VETO_CAP
+    room = int(union[benign].sum()) - int(capped[benign].sum())
+    free = np.sort(z[benign & ~capped])[::-1]
+    cut = float(free[room - 1]) if 0 < room <= len(free) else float(free[0]) + 1e-6 if len(free) else 0.0
+    blocked = capped | (z >= cut)
+    print(f"Latin stack: weights {w.round(3).tolist()}, cut {cut:.3f}: dev recall {blocked[labels == 1].mean():.3f} "
+          f"(the union: {union[labels == 1].mean():.3f}, n={int(labels.sum())}), benign {blocked[benign].mean():.3f} "
+          f"({union[benign].mean():.3f}, n={int(benign.sum())})", file=sys.stderr)
     return [round(float(w[0]), 6), round(float(w[1]), 6), round(cut, 6)]
 
 
