@@ -59,6 +59,16 @@ LATIN_STACK_CLIP = ((-10.0, 15.0), (-15.0, 20.0))
 # (Dutch), 5 with this one (Spanish), and 13 under the reader's earlier lift-only rule. Picked on dev: the smallest cap
 # within half a point of the uncapped stack's Latin recall at the same benign share (1.0: -0.3; 0.5: -1.4; docs/experiments)
 LATIN_VETO_CAP = 1.0
+# A request in another language inside an English text (a cross-lingual jailbreak: an English wrapper or long English
+# text around it) is read as English, so the reader never sees it. The screen reads such segments alone (the
+# language identifier on each sentence or line; consecutive ones joined), at most SEGMENTS_READ of them, the first,
+# and a segment blocks the text when it clears the screen's threshold by SEGMENT_MARGIN (logits). The margin was
+# picked on dev: the most harmful texts gained while adding at most 0.1% of English benign dev texts (1.75: 25 harmful,
+# 1 benign; 0: 78 and 57; 1.0: 43 and 8; docs/experiments)
+SEGMENT_MARGIN = 1.75
+SEGMENTS_READ = 8
+SEGMENT_MIN_CHARS = 12  # shorter pieces (a name, a greeting) are not judged for their language
+_SEGMENT_SPLIT = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+|\n+")
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
@@ -349,6 +359,24 @@ class MultilingualHead:
         """``"non_latin"``, ``"latin"`` (not English) or None (this reader does not read ``text``): :func:`reader_kind`."""
         lid = self._lid if self.latin_threshold is not None else None
         return reader_kind(text, lid, self.min_share, self.latin_min_prob)
+
+    def foreign_segments(self, text: str) -> list[str]:
+        """The runs of sentences or lines of ``text`` that this reader would read as a text of their own (each at
+        least SEGMENT_MIN_CHARS long; consecutive ones joined), in order; for texts it reads as English."""
+        if self.latin_threshold is None:
+            return []
+        segments: list[str] = []
+        run: list[str] = []
+        for piece in _SEGMENT_SPLIT.split(text):
+            piece = piece.strip()
+            if len(piece) >= SEGMENT_MIN_CHARS and self.kind(piece) is not None:
+                run.append(piece)
+            elif piece and run:
+                segments.append(" ".join(run))
+                run = []
+        if run:
+            segments.append(" ".join(run))
+        return segments
 
     def cut(self, text: str) -> float | None:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""

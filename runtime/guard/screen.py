@@ -31,7 +31,7 @@ from safetensors.numpy import load as st_load
 from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, featurize
 from runtime.guard.base import Verdict
 from runtime.guard.encoder import MAX_TOKENS as ENC_MAX_TOKENS, STRIDE as ENC_STRIDE, Encoder, token_windows
-from runtime.guard.multilingual import MultilingualHead
+from runtime.guard.multilingual import SEGMENT_MARGIN, SEGMENTS_READ, MultilingualHead
 from vault.errors import GuardError
 
 __all__ = [
@@ -200,12 +200,17 @@ class ScreenModel:
         ``multilingual``: a text in a non-Latin script that the parts pass may be lifted to the threshold by the
         multilingual reader (:class:`MultilingualHead`); a Latin-script text in another language than English (by the
         language identifier) is judged by the reader and the parts weighed together, which may lift it or lower it
-        (:meth:`MultilingualHead.latin_logit`; older weights: lifted like the others); off where this decides nothing
-        (the context score, which has a margin subtracted, and the output screen's higher threshold).
+        (:meth:`MultilingualHead.latin_logit`; older weights: lifted like the others); an English text that the parts
+        pass is lifted when a segment of it in another language, screened alone, clears the threshold by
+        SEGMENT_MARGIN (:meth:`MultilingualHead.foreign_segments`). Off where this decides nothing (the context
+        score, which has a margin subtracted, and the output screen's higher threshold).
         """
+        return self._score(text, multilingual, segments=multilingual)
+
+    def _score(self, text: str, multilingual: bool, *, segments: bool) -> TextScore:
         if len(text) > _CHUNK_CHARS:
             parts = [text[i : i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS)]
-            return max((self.score(p, multilingual=multilingual) for p in parts), key=lambda s: s.logit)
+            return max((self._score(p, multilingual, segments=segments) for p in parts), key=lambda s: s.logit)
         feats = featurize(text)
         starts, ends = word_spans(feats.n_words)
         cheap = self.cheap_logits(feats, starts, ends)
@@ -245,6 +250,14 @@ class ScreenModel:
             ml_logit, ml_pooled = ml.score(text)
             if ml_logit >= (ml.threshold if kind == "non_latin" else ml.latin_threshold):
                 logit, lifted = self.threshold, ml_pooled
+        elif segments and ml is not None and logit < self.threshold:
+            # an English text around a request in another language: each such segment screened alone (never
+            # searched for segments again), and the clearest one lifts the text
+            for segment in ml.foreign_segments(text)[:SEGMENTS_READ]:
+                alone = self._score(segment, True, segments=False)
+                if alone.logit >= self.threshold + SEGMENT_MARGIN:
+                    return TextScore(alone.logit - SEGMENT_MARGIN, int(starts[i]), int(ends[i]), feats, alone.pooled,
+                                     (float(cheap[i]), float(enc[j])), total, gated, alone.multilingual)
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
                          gated, lifted)
 
