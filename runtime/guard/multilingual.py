@@ -380,7 +380,10 @@ class MultilingualHead:
 
     def cut(self, text: str) -> float | None:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
-        kind = self.kind(text)
+        return self.kind_cut(self.kind(text))
+
+    def kind_cut(self, kind: str | None) -> float | None:
+        """The harm logit at which a text of ``kind`` (:meth:`kind`) is lifted, or None for English."""
         return self.threshold if kind == "non_latin" else self.latin_threshold if kind == "latin" else None
 
     def latin_logit(self, screen_logit: float, reader_logit: float, threshold: float) -> float:

@@ -248,7 +248,7 @@ class ScreenModel:
             logit = stacked
         elif kind is not None and logit < self.threshold:
             ml_logit, ml_pooled = ml.score(text)
-            if ml_logit >= (ml.threshold if kind == "non_latin" else ml.latin_threshold):
+            if ml_logit >= ml.kind_cut(kind):
                 logit, lifted = self.threshold, ml_pooled
         elif segments and ml is not None and logit < self.threshold:
             # an English text around a request in another language: each such segment screened alone (never

@@ -1271,8 +1271,10 @@ def multilingual_head(train: list[Example], dev: list[Example], screen_logit: Ca
     for e in dev:
         dev_kinds[reader_kind(e.text, lid, ML_MIN_SHARE, ML_LATIN_MIN_PROB)].append(e)
     cuts = []
-    for name, texts in (("non-Latin", dev_kinds["non_latin"]), ("Latin non-English", dev_kinds["latin"])):
-        logits = np.array([float(harm_logits(enc.pooled(e.text)).max()) for e in texts])
+    dev_logits: dict[str, np.ndarray] = {}  # the reader's logits of each kind's dev texts (the Latin stack reads them too)
+    for kind, name in (("non_latin", "non-Latin"), ("latin", "Latin non-English")):
+        texts = dev_kinds[kind]
+        logits = dev_logits[kind] = np.array([float(harm_logits(enc.pooled(e.text)).max()) for e in texts])
         labels = np.array([e.label for e in texts])
         cut = float(np.quantile(logits[labels == 0], ML_DEV_QUANTILE)) if (labels == 0).any() else float("inf")
         cuts.append(cut)
@@ -1289,9 +1291,8 @@ def multilingual_head(train: list[Example], dev: list[Example], screen_logit: Ca
             "latin_threshold": round(cuts[1], 6), "latin_min_prob": ML_LATIN_MIN_PROB, "lid_sha256": LID_SHA256}
     if screen_logit is not None and threshold is not None:
         texts = dev_kinds["latin"]
-        reader = np.array([float(harm_logits(enc.pooled(e.text)).max()) for e in texts])
         screen = np.array([screen_logit(e.text) for e in texts])
-        stack = latin_stack(screen, reader, np.array([e.label for e in texts]), threshold, cuts[1])
+        stack = latin_stack(screen, dev_logits["latin"], np.array([e.label for e in texts]), threshold, cuts[1])
         if stack is not None:
             meta["latin_stack"] = stack
     return tensors, meta
@@ -1318,9 +1319,13 @@ def latin_stack(screen: np.ndarray, reader: np.ndarray, labels: np.ndarray, thre
     z = x @ w
     # texts the cap keeps blocked (LATIN_VETO_CAP) count against the share; the cut takes the rest of it
     capped = screen >= threshold + LATIN_VETO_CAP
+    # room <= len(free): the union blocks at most every benign text, the capped ones among them
     room = int(union[benign].sum()) - int(capped[benign].sum())
     free = np.sort(z[benign & ~capped])[::-1]
-    cut = float(free[room - 1]) if 0 < room <= len(free) else float(free[0]) + 1e-6 if len(free) else 0.0
+    if room > 0:
+        cut = float(free[room - 1])
+    else:  # the capped texts alone use the whole share: the stack blocks no other benign dev text
+        cut = float(free[0]) + 1e-6 if len(free) else 0.0
     blocked = capped | (z >= cut)
     print(f"Latin stack: weights {w.round(3).tolist()}, cut {cut:.3f}: dev recall {blocked[labels == 1].mean():.3f} "
           f"(the union: {union[labels == 1].mean():.3f}, n={int(labels.sum())}), benign {blocked[benign].mean():.3f} "
