@@ -208,8 +208,8 @@ class Encoder:
         # window's logit depend on the windows (and padding) it was batched with, i.e. on the memo's history
         out = np.empty((len(windows), self.dims), dtype=np.float32)
         for r, window in enumerate(windows):
-            x, _, bias = self._embed([window])
-            out[r] = self._session.run(None, {"x": x, "bias": bias})[0][0].mean(axis=0)
+            x, _, _ = self._embed([window])
+            out[r] = self._session.run(None, {"x": x})[0][0].mean(axis=0)
         return out
 
     def reference_forward(self, windows: Sequence[Sequence[int]],

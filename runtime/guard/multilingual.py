@@ -304,8 +304,7 @@ class E5Encoder:
             return self.reference_forward(windows)
         out = np.empty((len(windows), self.dims), dtype=np.float32)
         for r, w in enumerate(windows):
-            bias = np.zeros((1, 1, 1, len(w)), np.float32)
-            out[r] = self._session.run(None, {"x": self._embed(w), "bias": bias})[0][0].mean(axis=0)
+            out[r] = self._session.run(None, {"x": self._embed(w)})[0][0].mean(axis=0)
         return out
 
 
