@@ -174,8 +174,9 @@ def test_foreign_segments_of_an_english_text() -> None:
 
 def test_request_in_another_language_inside_an_english_text_is_screened_alone(model) -> None:
     """A cross-lingual jailbreak (an English frame around a request in another language, read as English as a whole)
-    is blocked when the request alone clears the threshold by SEGMENT_MARGIN; benign requests in the same frame pass
-    unless the frame's own English reads as harmful."""
+    is blocked when the request alone clears the threshold by SEGMENT_MARGIN, or is in a non-Latin script and the
+    reader lifts it at its own cut; benign requests in the same frame pass unless the frame's own English reads as
+    harmful."""
     from runtime.guard.multilingual import SEGMENT_MARGIN
 
     lifted = []
@@ -183,9 +184,9 @@ def test_request_in_another_language_inside_an_english_text_is_screened_alone(mo
         framed = WRAPPER.format(request=text)
         if model.multilingual.kind(framed) is not None:
             continue  # the whole text still reads as not English: the Latin stack judges it
-        alone = model.score(text).logit
+        alone = model.score(text)
         verdict = screen_messages(model, [{"role": "user", "content": framed}])
-        if alone >= model.threshold + SEGMENT_MARGIN:
+        if alone.reader_cut or alone.logit >= model.threshold + SEGMENT_MARGIN:
             assert not verdict.allowed, text
             assert verdict.category in CATEGORIES
             if model.score(framed, multilingual=False).logit < model.threshold:

@@ -64,7 +64,10 @@ LATIN_VETO_CAP = 1.0
 # language identifier on each sentence or line; consecutive ones joined), at most SEGMENTS_READ of them, the first,
 # and a segment blocks the text when it clears the screen's threshold by SEGMENT_MARGIN (logits). The margin was
 # picked on dev: the most harmful texts gained while adding at most 0.1% of English benign dev texts (1.75: 25 harmful,
-# 1 benign; 0: 78 and 57; 1.0: 43 and 8; docs/experiments)
+# 1 benign; 0: 78 and 57; 1.0: 43 and 8; docs/experiments). A non-Latin segment that the reader lifts at its own cut
+# blocks with no margin (its lift is pinned at the threshold): on dev that adds 14 harmful texts and 2 benign ones.
+# A Latin-script text in another language that the Latin stack passes is searched the same way for segments in a
+# non-Latin script (dev: 5 more harmful texts, no benign one)
 SEGMENT_MARGIN = 1.75
 SEGMENTS_READ = 8
 SEGMENT_MIN_CHARS = 12  # shorter pieces (a name, a greeting) are not judged for their language
@@ -376,16 +379,19 @@ class MultilingualHead:
         lid = self._lid if self.latin_threshold is not None else None
         return reader_kind(text, lid, self.min_share, self.latin_min_prob)
 
-    def foreign_segments(self, text: str) -> list[str]:
+    def foreign_segments(self, text: str, within: str | None = None) -> list[str]:
         """The runs of sentences or lines of ``text`` that this reader would read as a text of their own (each at
-        least SEGMENT_MIN_CHARS long; consecutive ones joined), in order; for texts it reads as English."""
-        if self.latin_threshold is None:
+        least SEGMENT_MIN_CHARS long; consecutive ones joined), in order. ``within``: the kind of ``text`` itself
+        (:meth:`kind`): None for a text read as English (segments of either kind), ``"latin"`` for a Latin-script
+        text in another language (segments in a non-Latin script only)."""
+        if self.latin_threshold is None or within == "non_latin":
             return []
+        native = (None,) if within is None else ("latin", None)  # the kinds of piece that are not foreign here
         segments: list[str] = []
         run: list[str] = []
         for piece in _SEGMENT_SPLIT.split(text):
             piece = piece.strip()
-            if len(piece) >= SEGMENT_MIN_CHARS and self.kind(piece) is not None:
+            if len(piece) >= SEGMENT_MIN_CHARS and self.kind(piece) not in native:
                 run.append(piece)
             elif piece and run:
                 segments.append(" ".join(run))

@@ -93,6 +93,7 @@ class TextScore:
     windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
     gated: bool = False  # lifted to the threshold by the jailbreak-wrapper gate (:class:`WrapperGate`)
     multilingual: np.ndarray | None = None  # lifted by the non-Latin reader (:mod:`multilingual`): its deciding window
+    reader_cut: bool = False  # a non-Latin text lifted because the reader's own logit cleared its cut (logit pinned at the threshold)
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ class ScreenModel:
         language identifier) is judged by the reader and the parts weighed together, which may lift it or lower it
         (:meth:`MultilingualHead.latin_logit`; older weights: lifted like the others); an English text that the parts
         pass is lifted when a segment of it in another language, screened alone, clears the threshold by
-        SEGMENT_MARGIN (:meth:`MultilingualHead.foreign_segments`). Off where this decides nothing (the context
+        SEGMENT_MARGIN, or is in a non-Latin script and lifted by the reader at its own cut
+        (:meth:`MultilingualHead.foreign_segments`); so is a Latin-script text in another language that the Latin
+        stack passes, by its segments in a non-Latin script. Off where this decides nothing (the context
         score, which has a margin subtracted, and the output screen's higher threshold).
         """
         return self._score(text, multilingual, segments=multilingual)
@@ -235,7 +238,7 @@ class ScreenModel:
             logit = self.threshold
         # a text in a script the encoder reads as [UNK] (Cyrillic, CJK, Arabic, Indic, ...), or in Latin script but
         # not in English (the parts read English): a second, multilingual reader
-        lifted = None
+        lifted, reader_cut = None, False
         ml = self.multilingual
         kind = ml.kind(text) if multilingual and ml is not None else None
         if kind == "latin" and ml.latin_stack is not None:
@@ -249,17 +252,22 @@ class ScreenModel:
         elif kind is not None and logit < self.threshold:
             ml_logit, ml_pooled = ml.score(text)
             if ml_logit >= ml.kind_cut(kind):
-                logit, lifted = self.threshold, ml_pooled
-        elif segments and ml is not None and logit < self.threshold:
-            # an English text around a request in another language: each such segment screened alone (never
-            # searched for segments again), and the clearest one lifts the text
-            for segment in ml.foreign_segments(text)[:SEGMENTS_READ]:
+                logit, lifted, reader_cut = self.threshold, ml_pooled, True
+        if segments and ml is not None and kind != "non_latin" and logit < self.threshold:
+            # an English text around a request in another language, or a Latin-script text in another language
+            # around one in a non-Latin script: each such segment screened alone (never searched for segments again),
+            # and the first that clears the bar lifts the text. The bar is SEGMENT_MARGIN above the threshold for the
+            # parts' and the Latin stack's logits; a non-Latin segment that the reader lifted at its own cut counts as
+            # it is (its logit is pinned at the threshold, so no margin could be cleared; the reader's cut already
+            # holds its FPR: docs/experiments)
+            for segment in ml.foreign_segments(text, within=kind)[:SEGMENTS_READ]:
                 alone = self._score(segment, True, segments=False)
-                if alone.logit >= self.threshold + SEGMENT_MARGIN:
-                    return TextScore(alone.logit - SEGMENT_MARGIN, int(starts[i]), int(ends[i]), feats, alone.pooled,
+                if alone.reader_cut or alone.logit >= self.threshold + SEGMENT_MARGIN:
+                    lifted_logit = self.threshold if alone.reader_cut else alone.logit - SEGMENT_MARGIN
+                    return TextScore(lifted_logit, int(starts[i]), int(ends[i]), feats, alone.pooled,
                                      (float(cheap[i]), float(enc[j])), total, gated, alone.multilingual)
         return TextScore(logit, int(starts[i]), int(ends[i]), feats, pooled[j], (float(cheap[i]), float(enc[j])), total,
-                         gated, lifted)
+                         gated, lifted, reader_cut)
 
     def tokens(self, text: str) -> int:
         """WordPiece tokens the encoder would read for ``text`` (before windowing)."""
