@@ -67,11 +67,16 @@ LATIN_VETO_CAP = 1.0
 # 1 benign; 0: 78 and 57; 1.0: 43 and 8; docs/experiments). A non-Latin segment that the reader lifts at its own cut
 # blocks with no margin (its lift is pinned at the threshold): on dev that adds 14 harmful texts and 2 benign ones.
 # A Latin-script text in another language that the Latin stack passes is searched the same way for segments in a
-# non-Latin script (dev: 5 more harmful texts, no benign one)
+# non-Latin script (dev: 5 more harmful texts, no benign one). Stretches in a non-Latin script between Latin-script
+# letters (a request after a colon or in quotes inside an English sentence) are segments too (dev: 5 and 1)
 SEGMENT_MARGIN = 1.75
 SEGMENTS_READ = 8
 SEGMENT_MIN_CHARS = 12  # shorter pieces (a name, a greeting) are not judged for their language
 _SEGMENT_SPLIT = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+|\n+")
+# letters in a Latin script (as _is_latin counts them): what separates the stretches of a text in other scripts
+_LATIN_LETTERS = re.compile("[A-Za-z\u00aa\u00b5\u00ba\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u02af\u1e00-\u1eff"
+                            "\u2c60-\u2c7f\ua720-\ua7ff\uab30-\uab6f\uff21-\uff3a\uff41-\uff5a]+")
+_RUN_EDGES = " \t\r\n\"'\u201c\u201d\u2018\u2019\u00ab\u00bb:;,.-()[]{}<>"  # stripped from a stretch's ends
 PREFIX = "query: "  # multilingual-e5's input convention for short texts
 _QK = 32  # weights per 4-bit block (ggml q4_0: a float16 scale and 16 bytes of nibbles, value = (q - 8) * scale)
 _META = "\u2581"  # SentencePiece's word-boundary marker
@@ -398,7 +403,17 @@ class MultilingualHead:
                 run = []
         if run:
             segments.append(" ".join(run))
+        # a request in a non-Latin script inside an English (or other Latin-script) sentence, after a colon or in
+        # quotes, is no sentence of its own: such stretches are segments too (read alone even when the sentence
+        # around them was: the sentence's English words can pull a segment's score down)
+        segments += [r for r in self.script_runs(text) if r not in segments]
         return segments
+
+    def script_runs(self, text: str) -> list[str]:
+        """The stretches of ``text`` between Latin-script letters that are at least SEGMENT_MIN_CHARS long and whose
+        letters are at least ``min_share`` non-Latin (what this reader reads as a non-Latin text), in order."""
+        runs = (r.strip(_RUN_EDGES) for r in _LATIN_LETTERS.split(text))
+        return [r for r in runs if len(r) >= SEGMENT_MIN_CHARS and non_latin_share(r) >= self.min_share]
 
     def cut(self, text: str) -> float | None:
         """The harm logit at which ``text`` is lifted, or None when this reader does not read it."""
