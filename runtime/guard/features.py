@@ -11,8 +11,8 @@ of it from one pass (prefix sums over per-word contributions). Three kinds of fe
 
 Normalisation undoes the cheap obfuscations attackers use: Unicode compatibility forms
 (NFKC: full-width letters, ligatures), zero-width characters, leetspeak inside words
-("b0mb", "m3th"), letters spaced or dotted apart ("b o m b", "k.i.l.l"), and base64
-blobs (decoded and appended so the payload is screened too).
+("b0mb", "m3th"), letters spaced or dotted apart ("b o m b", "k.i.l.l"), base64 blobs
+(decoded and appended so the payload is screened too) and hex blobs (decoded in place).
 
 Hashing is deterministic across processes (crc32 and fixed multipliers, never Python's
 salted ``hash``), so shipped weights mean the same thing everywhere.
@@ -30,7 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "StaticEmbedding", "normalize", "featurize", "dense_signals"]
+__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "StaticEmbedding", "decode_hex", "normalize", "featurize",
+           "dense_signals"]
 
 N_HASH = 1 << 18  # hashed feature space; weights are stored as float16 to stay small
 # Value of one occurrence by kind. Character n-grams are many per word and mostly redundant; the
@@ -46,6 +47,10 @@ _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t
 _LEET_WORD = re.compile(r"(?<![\w@$!|])(?=[a-z0-9@$!|]*[a-z])(?=[a-z0-9@$!|]*[0-9@$!|])[a-z0-9@$!|]{3,}(?![\w@$!|])")
 _SPACED = re.compile(r"\b(?:[a-z][ .\-_*]){2,}[a-z]\b")
 _B64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
+# hex-encoded bytes: 12 or more pairs, bare ("676976"), spaced or colon/comma separated ("67 69 76"), or prefixed
+# ("\\x67\\x69", "0x67 0x69"). Hashes and long numbers decode to non-text and are dropped
+_HEX = re.compile(r"(?:(?:\\x|0x)?[0-9A-Fa-f]{2}[ ,:]?){12,}")
+_HEX_NOISE = re.compile(r"\\x|0x|[ ,:]")
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _REPEAT = re.compile(r"(.)\1{2,}")
 
@@ -60,7 +65,7 @@ _DENSE: tuple[tuple[str, str], ...] = (
     ("authority", r"\b(?:i am your (?:developer|creator|admin\w*)|authori[sz]ed|red team|system override|admin(?:istrator)? mode|sudo)\b"),
     ("detail", r"\b(?:step[- ]by[- ]step|in (?:full |complete |great )?detail|detailed|exact (?:steps|amounts|quantities|recipe)|complete instructions)\b"),
 )
-# plus: "obfuscated" (normalize() undid leetspeak, spacing, zero-width or base64)
+# plus: "obfuscated" (normalize() undid leetspeak, spacing, zero-width, base64 or hex)
 DENSE_NAMES: tuple[str, ...] = tuple(name for name, _ in _DENSE) + ("obfuscated",)
 _DENSE_RE = tuple(re.compile(p) for _, p in _DENSE)
 
@@ -111,6 +116,17 @@ def _despace(match: re.Match[str]) -> str:
     return re.sub(r"[ .\-_*]", "", match.group(0))
 
 
+def _as_text(raw: bytes) -> str | None:
+    """``raw`` as UTF-8 text when it reads as text (printable, with a word in it), else None."""
+    try:
+        plain = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if plain and sum(ch.isprintable() for ch in plain) / len(plain) > 0.95 and re.search(r"[^\W\d_]{3}", plain):
+        return plain
+    return None
+
+
 def _decode_b64(text: str) -> list[str]:
     decoded: list[str] = []
     for blob in _B64.findall(text)[:8]:
@@ -120,22 +136,37 @@ def _decode_b64(text: str) -> list[str]:
             raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)
         except (binascii.Error, ValueError):
             continue
-        try:
-            plain = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if plain and sum(ch.isprintable() for ch in plain) / len(plain) > 0.95 and re.search(r"[A-Za-z]{3}", plain):
+        plain = _as_text(raw)
+        if plain is not None:
             decoded.append(plain)
     return decoded
+
+
+def decode_hex(text: str) -> tuple[str, bool]:
+    """``text`` with each hex blob that decodes to text replaced by that text in place (its digits would fill the
+    encoder's windows and dilute the request), and whether any was."""
+    found = False
+
+    def plain(match: re.Match[str]) -> str:
+        nonlocal found
+        digits = _HEX_NOISE.sub("", match.group(0))
+        decoded = _as_text(bytes.fromhex(digits[: len(digits) // 2 * 2]))
+        if decoded is None:
+            return match.group(0)
+        found = True
+        return " " + decoded + " "
+
+    return _HEX.sub(plain, text), found
 
 
 def normalize(text: str) -> tuple[str, bool]:
     """Undo cheap obfuscation; returns (normalised text, whether any obfuscation was found)."""
     text = text[:_MAX_CHARS]
     extra = _decode_b64(text)
+    text, hexed = decode_hex(text)
     text = unicodedata.normalize("NFKC", text)
     stripped = _ZERO_WIDTH.sub("", text)
-    obfuscated = bool(extra) or stripped != text
+    obfuscated = bool(extra) or hexed or stripped != text
     text = stripped.casefold()
     if extra:
         text = text + "\n" + "\n".join(unicodedata.normalize("NFKC", e).casefold() for e in extra)
