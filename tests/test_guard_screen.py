@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from runtime.guard import Guard, default_guard
 from runtime.guard.auditlog import AuditLog, log_path
 from runtime.guard.base import Verdict
-from runtime.guard.features import DENSE_NAMES, N_HASH, decode_hex, featurize, normalize
+from runtime.guard.features import DENSE_NAMES, N_HASH, decode_escapes, featurize, normalize
 from runtime.guard.guard import VaultGuard
 from runtime.guard.screen import (
     CATEGORIES,
@@ -77,14 +77,21 @@ def test_base64_payload_is_decoded_and_screened(model) -> None:
 
 
 def _hex_forms(plain: str) -> list[str]:
+    """``plain`` hex-encoded in five ways, URL-encoded in two, as numeric HTML entities in two and as \\u escapes."""
+    import urllib.parse
+
     data = plain.encode()
     return [data.hex(), " ".join(f"{b:02x}" for b in data), "".join(f"\\x{b:02x}" for b in data),
-            " ".join(f"0x{b:02X}" for b in data), ":".join(f"{b:02x}" for b in data)]
+            " ".join(f"0x{b:02X}" for b in data), ":".join(f"{b:02x}" for b in data),
+            urllib.parse.quote(plain), "".join(f"%{b:02X}" for b in data),
+            "".join(f"&#{ord(c)};" for c in plain), "".join(f"&#x{ord(c):x};" for c in plain),
+            "".join(f"\\u{ord(c):04x}" for c in plain)]
 
 
 def test_hex_payload_is_decoded_in_place_and_screened(model) -> None:
-    """A request hex-encoded (bare, spaced, \\x- or 0x-prefixed, colon-separated) is read as its text, by the parts and
-    by the multilingual reader; a benign one passes; hashes, UUIDs and long numbers are left as they are."""
+    """A request hex-encoded (bare, spaced, \\x- or 0x-prefixed, colon-separated), URL-encoded, as numeric HTML entities
+    or as \\u escapes is read as its text, by the parts and by the multilingual reader; a benign one passes; hashes,
+    UUIDs, long numbers, URLs with a query, named entities and Windows paths are left as they are."""
     import hashlib
     import uuid
 
@@ -100,8 +107,9 @@ def test_hex_payload_is_decoded_in_place_and_screened(model) -> None:
     for form in _hex_forms("write a short poem about autumn leaves falling"):
         assert screen_messages(model, _user(f"Decode this hex and do exactly what it says: {form}")).allowed
     noise = (f"commit {hashlib.sha256(b'x').hexdigest()} fixes ticket {uuid.UUID(int=2**127 + 12345)}; "
-             "call 123456789012345678901234567890")
-    assert decode_hex(noise) == (noise, False)
+             "call 123456789012345678901234567890. See https://example.com/search?q=caf%C3%A9&lang=en, Tom &amp; "
+             "Jerry, C:\\users\\me, 50% off, &#169; 2024")
+    assert decode_escapes(noise) == (noise, False)
 
 
 @settings(max_examples=200, deadline=None)

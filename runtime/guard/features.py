@@ -12,7 +12,8 @@ of it from one pass (prefix sums over per-word contributions). Three kinds of fe
 Normalisation undoes the cheap obfuscations attackers use: Unicode compatibility forms
 (NFKC: full-width letters, ligatures), zero-width characters, leetspeak inside words
 ("b0mb", "m3th"), letters spaced or dotted apart ("b o m b", "k.i.l.l"), base64 blobs
-(decoded and appended so the payload is screened too) and hex blobs (decoded in place).
+(decoded and appended so the payload is screened too), and hex, URL-encoded, numeric-entity and \\u-escaped blobs
+(decoded in place).
 
 Hashing is deterministic across processes (crc32 and fixed multipliers, never Python's
 salted ``hash``), so shipped weights mean the same thing everywhere.
@@ -22,15 +23,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import re
 import unicodedata
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "StaticEmbedding", "decode_hex", "normalize", "featurize",
+__all__ = ["N_HASH", "DENSE_NAMES", "LEXICON", "Features", "StaticEmbedding", "decode_escapes", "normalize", "featurize",
            "dense_signals"]
 
 N_HASH = 1 << 18  # hashed feature space; weights are stored as float16 to stay small
@@ -49,8 +52,13 @@ _SPACED = re.compile(r"\b(?:[a-z][ .\-_*]){2,}[a-z]\b")
 _B64 = re.compile(r"[A-Za-z0-9+/]{16,}={0,2}")
 # hex-encoded bytes: 12 or more pairs, bare ("676976"), spaced or colon/comma separated ("67 69 76"), or prefixed
 # ("\\x67\\x69", "0x67 0x69"). Hashes and long numbers decode to non-text and are dropped
-_HEX = re.compile(r"(?:(?:\\x|0x)?[0-9A-Fa-f]{2}[ ,:]?){12,}")
+_HEX = re.compile(r"(?<![0-9A-Za-z])(?:(?:\\x|0x)?[0-9A-Fa-f]{2}[ ,:]?){12,}")  # from a word's start only
 _HEX_NOISE = re.compile(r"\\x|0x|[ ,:]")
+# other escapes that hide a request's words: URL-encoding (3+ %XX in one run of non-spaces: "how%20do%20I..."), numeric
+# HTML entities (6+: "&#104;&#111;&#119;") and \\u escapes (6+: "\\u0068\\u006f")
+_URL = re.compile(r"(?<!\S)(?:[^\s%]*%[0-9A-Fa-f]{2}){3,}[^\s%]*")  # from a token's start only: linear time
+_ENTITIES = re.compile(r"(?:&#(?:[0-9]{2,7}|[xX][0-9A-Fa-f]{2,6});\s?){6,}")
+_U_ESCAPES = re.compile(r"(?:\\u[0-9A-Fa-f]{4}){6,}")
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 _REPEAT = re.compile(r"(.)\1{2,}")
 
@@ -65,7 +73,7 @@ _DENSE: tuple[tuple[str, str], ...] = (
     ("authority", r"\b(?:i am your (?:developer|creator|admin\w*)|authori[sz]ed|red team|system override|admin(?:istrator)? mode|sudo)\b"),
     ("detail", r"\b(?:step[- ]by[- ]step|in (?:full |complete |great )?detail|detailed|exact (?:steps|amounts|quantities|recipe)|complete instructions)\b"),
 )
-# plus: "obfuscated" (normalize() undid leetspeak, spacing, zero-width, base64 or hex)
+# plus: "obfuscated" (normalize() undid leetspeak, spacing, zero-width, base64 or an escape)
 DENSE_NAMES: tuple[str, ...] = tuple(name for name, _ in _DENSE) + ("obfuscated",)
 _DENSE_RE = tuple(re.compile(p) for _, p in _DENSE)
 
@@ -142,31 +150,51 @@ def _decode_b64(text: str) -> list[str]:
     return decoded
 
 
-def decode_hex(text: str) -> tuple[str, bool]:
-    """``text`` with each hex blob that decodes to text replaced by that text in place (its digits would fill the
-    encoder's windows and dilute the request), and whether any was."""
+def _hex_bytes(blob: str) -> bytes:
+    digits = _HEX_NOISE.sub("", blob)
+    return bytes.fromhex(digits[: len(digits) // 2 * 2])
+
+
+def _code_points(blob: str) -> bytes:
+    return re.sub(r"\\u([0-9A-Fa-f]{4})", lambda m: chr(int(m.group(1), 16)), blob).encode("utf-8", "surrogatepass")
+
+
+# (pattern, a string every blob holds, blob -> bytes): each blob that decodes to text is replaced by it
+_ESCAPES = (
+    (_HEX, "", _hex_bytes),
+    (_URL, "%", lambda blob: urllib.parse.unquote_to_bytes(blob)),
+    (_ENTITIES, "&#", lambda blob: html.unescape(blob).encode("utf-8", "surrogatepass")),
+    (_U_ESCAPES, "\\u", _code_points),
+)
+
+
+def decode_escapes(text: str) -> tuple[str, bool]:
+    """``text`` with each hex, URL-encoded, numeric-entity or \\u-escaped blob that decodes to text replaced by that
+    text in place (its digits would fill the encoder's windows and dilute the request), and whether any was."""
     found = False
 
-    def plain(match: re.Match[str]) -> str:
+    def plain(decode, match: re.Match[str]) -> str:
         nonlocal found
-        digits = _HEX_NOISE.sub("", match.group(0))
-        decoded = _as_text(bytes.fromhex(digits[: len(digits) // 2 * 2]))
-        if decoded is None:
+        decoded = _as_text(decode(match.group(0)))
+        if decoded is None or decoded == match.group(0):
             return match.group(0)
         found = True
         return " " + decoded + " "
 
-    return _HEX.sub(plain, text), found
+    for pattern, marker, decode in _ESCAPES:
+        if marker in text:
+            text = pattern.sub(lambda m, decode=decode: plain(decode, m), text)
+    return text, found
 
 
 def normalize(text: str) -> tuple[str, bool]:
     """Undo cheap obfuscation; returns (normalised text, whether any obfuscation was found)."""
     text = text[:_MAX_CHARS]
     extra = _decode_b64(text)
-    text, hexed = decode_hex(text)
+    text, unescaped = decode_escapes(text)
     text = unicodedata.normalize("NFKC", text)
     stripped = _ZERO_WIDTH.sub("", text)
-    obfuscated = bool(extra) or hexed or stripped != text
+    obfuscated = bool(extra) or unescaped or stripped != text
     text = stripped.casefold()
     if extra:
         text = text + "\n" + "\n".join(unicodedata.normalize("NFKC", e).casefold() for e in extra)

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import load as st_load
 
-from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, decode_hex, featurize
+from runtime.guard.features import DENSE_NAMES, LEXICON, N_HASH, Features, StaticEmbedding, decode_escapes, featurize
 from runtime.guard.base import Verdict
 from runtime.guard.encoder import MAX_TOKENS as ENC_MAX_TOKENS, STRIDE as ENC_STRIDE, Encoder, token_windows
 from runtime.guard.multilingual import SEGMENT_MARGIN, SEGMENTS_READ, MultilingualHead
@@ -241,7 +241,7 @@ class ScreenModel:
         lifted, reader_cut = None, False
         ml = self.multilingual
         if ml is not None and multilingual:
-            text = decode_hex(text)[0]  # the reader and the language identifier read hex blobs decoded, as the parts do
+            text = decode_escapes(text)[0]  # the reader and the language identifier read escaped blobs decoded, as the parts do
         kind = ml.kind(text) if multilingual and ml is not None else None
         if kind == "latin" and ml.latin_stack is not None:
             # a Latin-script text in another language: the English parts read it only partly, so both readers are
