@@ -110,6 +110,10 @@ def test_hex_payload_is_decoded_in_place_and_screened(model) -> None:
              "call 123456789012345678901234567890. See https://example.com/search?q=caf%C3%A9&lang=en, Tom &amp; "
              "Jerry, C:\\users\\me, 50% off, &#169; 2024")
     assert decode_escapes(noise) == (noise, False)
+    # the screen decodes again for the reader only when featurize flagged an obfuscation: true while a chunk it screens
+    # fits in what normalize reads
+    from runtime.guard import features, screen
+    assert screen._CHUNK_CHARS <= features._MAX_CHARS
 
 
 @settings(max_examples=200, deadline=None)

@@ -71,6 +71,7 @@ WINDOW_STRIDE = 16
 # n-gram part reads every window of a text, not just the MAX_ENCODER_WINDOWS the encoder reads
 LENGTH_CAP_WINDOWS = 16
 _CHUNK_CHARS = 100_000  # texts longer than this are screened chunk by chunk (bounded memory)
+_OBFUSCATED = DENSE_NAMES.index("obfuscated")  # featurize's flag: normalize undid an obfuscation (an escape among them)
 
 # Output screen: generated text that reads like a procedure for a hazard. These raise the
 # output logit; they never lower it. Kept narrow: a recipe or a shell tutorial has steps
@@ -93,7 +94,8 @@ class TextScore:
     windows: int = 1  # encoder token windows the text spans (before the MAX_ENCODER_WINDOWS cap)
     gated: bool = False  # lifted to the threshold by the jailbreak-wrapper gate (:class:`WrapperGate`)
     multilingual: np.ndarray | None = None  # lifted by the non-Latin reader (:mod:`multilingual`): its deciding window
-    reader_cut: bool = False  # a non-Latin text lifted because the reader's own logit cleared its cut (logit pinned at the threshold)
+    # a non-Latin text lifted because the reader's own logit cleared its cut (its logit is pinned at the threshold)
+    reader_cut: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,8 +242,10 @@ class ScreenModel:
         # not in English (the parts read English): a second, multilingual reader
         lifted, reader_cut = None, False
         ml = self.multilingual
-        if ml is not None and multilingual:
-            text = decode_escapes(text)[0]  # the reader and the language identifier read escaped blobs decoded, as the parts do
+        if ml is not None and multilingual and feats.dense[_OBFUSCATED]:
+            # the reader and the language identifier read escaped blobs decoded, as the parts do (featurize found any:
+            # the text is within normalize's limit, so without the flag there is nothing to decode)
+            text = decode_escapes(text)[0]
         kind = ml.kind(text) if multilingual and ml is not None else None
         if kind == "latin" and ml.latin_stack is not None:
             # a Latin-script text in another language: the English parts read it only partly, so both readers are
